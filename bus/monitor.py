@@ -1,0 +1,89 @@
+"""Socket monitors: connected peers, and handshakes that fail (wrong server key, refused key).
+
+A CURVE client given the wrong server key sees HANDSHAKE_FAILED_PROTOCOL on every
+reconnect; one refused by ZAP sees HANDSHAKE_FAILED_AUTH. Both are counted, logged
+once per burst and exposed as `last_error`, so the failure is never silent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from bus.logs import BurstLog, Log
+from bus.loop import Loop
+from bus.metrics import AUTH_FAILURES, CONNECTED_PEERS
+
+_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+           | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+           | zmq.EVENT_DISCONNECTED)
+_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_refused",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+}
+_EXPLAIN = {
+    "handshake_protocol": "CURVE handshake failed: wrong server public key?",
+    "handshake_refused": "server refused our CURVE key (not on its allow-list)",
+    "handshake_failed": "handshake failed",
+}
+
+
+class Monitor:
+    """Watches one socket's connection events from inside its Loop."""
+
+    def __init__(self, loop: Loop, sock: zmq.Socket, role: str, side: str, log: Log,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.role = role
+        self.side = side
+        self.peers = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._pending_failures = 0
+        self._log = log
+        self._burst = BurstLog(log)
+        self._on_failure = on_failure
+        self._gauge = CONNECTED_PEERS.labels(role)
+        self._loop = loop
+        self._msock = sock.get_monitor_socket(_EVENTS)
+        loop.add_reader(self._msock, self._drain)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._msock)
+        self._gauge.dec(self.peers)
+        self.peers = 0
+        self._msock.close(0)
+
+    def _drain(self) -> None:
+        for _ in range(256):
+            try:
+                event = recv_monitor_message(self._msock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(event["event"], event.get("endpoint", b""))
+
+    def _handle(self, event: int, endpoint: bytes) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.peers += 1
+            self._gauge.inc()
+            self.failures = 0
+            self.last_error = None
+        elif event == zmq.EVENT_DISCONNECTED:
+            # Failed handshakes also end in DISCONNECTED; they never counted as peers.
+            if self.peers > 0 and self._pending_failures == 0:
+                self.peers -= 1
+                self._gauge.dec()
+            self._pending_failures = max(0, self._pending_failures - 1)
+        elif event in _FAILURES:
+            reason = _FAILURES[event]
+            self._pending_failures += 1
+            self.failures += 1
+            self.last_error = _EXPLAIN[reason]
+            AUTH_FAILURES.labels(self.side, reason).inc()
+            self._burst.event(reason, self.last_error, role=self.role,
+                              endpoint=endpoint.decode(errors="replace"),
+                              consecutive=self.failures)
+            if self._on_failure is not None:
+                self._on_failure(reason)

@@ -1,0 +1,193 @@
+"""Request/reply over DEALER/ROUTER: CSRs, ACK/NACK, registrations, policy checks.
+
+Every request carries an id. The client waits up to `timeout`, retries at most
+`retries` times with the same id, and ignores stale replies. The server keeps the
+last replies per peer, so a retried request is answered again, not executed twice.
+A handler's exception becomes an ERROR reply; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from bus import envelope as E
+from bus.context import context
+from bus.envelope import DecodeError
+from bus.keys import Keyring
+from bus.logs import Log
+from bus.loop import Loop
+from bus.metrics import AUTH_FAILURES, RECEIVED, RPC_FAILURES, RPC_RETRIES, SENT
+from bus.monitor import Monitor
+from bus.pubsub import Rejects, bind
+from bus.security import secure_client, secure_server
+
+_REPLY_CACHE = 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    body: Any
+    peer: str  # the client's key name from ZAP ("" on ipc://)
+    origin: str
+
+
+Handler = Callable[[Request], Any]
+
+
+class RpcError(Exception):
+    """The server answered with an error."""
+
+
+class RpcTimeout(Exception):
+    """No reply after every retry."""
+
+
+class RpcServer:
+    def __init__(self, loop: Loop, endpoint: str, keyring: Keyring | None,
+                 handlers: dict[str, Handler], name: str = "rpc") -> None:
+        self.loop = loop
+        self.handlers = handlers
+        self.log = Log("bus.rpc-server", name=name)
+        self._reject = Rejects(self.log)
+        self._replies: OrderedDict[tuple[bytes, bytes], list[bytes]] = OrderedDict()
+        self._sock = loop.ctx.socket(zmq.ROUTER)
+        self._sock.linger = 0
+        secure_server(self._sock, endpoint, keyring)
+        self.endpoint = bind(self._sock, endpoint)
+        self.monitor = Monitor(loop, self._sock, "rpc-server", "server", self.log)
+        loop.add_reader(self._sock, self._on_request)
+        loop.on_close(self.close)
+
+    def close(self) -> None:
+        self.monitor.close()
+        self.loop.remove_reader(self._sock)
+        self._sock.close(0)
+
+    def _on_request(self) -> None:
+        for _ in range(512):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) != 4:
+                self._reject("frame_count", f"request with {len(frames)} frames")
+                continue
+            peer = frames[1].get("User-Id") or ""
+            identity = frames[0].bytes
+            try:
+                req = E.decode([f.bytes for f in frames[1:]])
+                if req.kind != E.REQUEST or not req.req_id:
+                    raise DecodeError("bad_kind", f"{req.kind} on a request socket")
+            except DecodeError as exc:
+                self._reject(exc.reason, exc.detail, peer=peer)
+                continue
+            RECEIVED.labels(E.REQUEST).inc()
+            cache_key = (identity, req.req_id)
+            reply = self._replies.get(cache_key)
+            if reply is None:
+                reply = self._handle(req, peer).frames()
+                self._replies[cache_key] = reply
+                if len(self._replies) > _REPLY_CACHE:
+                    self._replies.popitem(last=False)
+            try:
+                self._sock.send_multipart([identity, *reply], zmq.NOBLOCK)
+                SENT.labels(E.REPLY).inc()
+            except zmq.ZMQError:
+                pass  # the client is gone; its retry will find the cached reply
+
+    def _handle(self, req: E.Envelope, peer: str) -> E.Envelope:
+        handler = self.handlers.get(req.topic)
+        if handler is None:
+            return E.make(req.topic, E.ERROR, {"error": f"unknown method {req.topic!r}"},
+                          req_id=req.req_id)
+        try:
+            result = handler(Request(req.topic, req.value(), peer, req.origin))
+            return E.make(req.topic, E.REPLY, result, req_id=req.req_id)
+        except Exception as exc:
+            self.log.error("handler failed", method=req.topic, peer=peer, exc_info=True)
+            return E.make(req.topic, E.ERROR, {"error": f"{type(exc).__name__}: {exc}"},
+                          req_id=req.req_id)
+
+
+class RpcClient:
+    """A blocking client, safe to share between threads (calls are serialised)."""
+
+    def __init__(self, endpoint: str, keyring: Keyring | None, server: str, *,
+                 origin: str = "", timeout: float = 2.0, retries: int = 2,
+                 ctx: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.origin = origin
+        self.timeout = timeout
+        self.retries = retries
+        self.log = Log("bus.rpc-client", server=server)
+        self._lock = threading.Lock()
+        self._sock = (ctx or context()).socket(zmq.DEALER)
+        self._sock.linger = 0
+        secure_client(self._sock, endpoint, keyring, server)
+        self._events = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._sock.connect(endpoint)
+        self.last_error: str | None = None
+
+    def call(self, method: str, body: Any = None, timeout: float | None = None,
+             retries: int | None = None) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else retries
+        req_id = os.urandom(8)
+        frames = E.make(method, E.REQUEST, body, req_id=req_id, origin=self.origin).frames()
+        with self._lock:
+            for attempt in range(retries + 1):
+                if attempt:
+                    RPC_RETRIES.inc()
+                    self.log.info("retrying request", method=method, attempt=attempt,
+                                  reason=self.last_error or "timeout")
+                self._sock.send_multipart(frames)
+                SENT.labels(E.REQUEST).inc()
+                reply = self._await(req_id, time.monotonic() + timeout)
+                if reply is not None:
+                    if reply.kind == E.ERROR:
+                        RPC_FAILURES.labels("error").inc()
+                        raise RpcError((reply.value() or {}).get("error", "error"))
+                    return reply.value()
+        RPC_FAILURES.labels("timeout").inc()
+        raise RpcTimeout(f"{method} to {self.endpoint}: no reply after {retries + 1} attempts"
+                         + (f" ({self.last_error})" if self.last_error else ""))
+
+    def _await(self, req_id: bytes, deadline: float) -> E.Envelope | None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._events, zmq.POLLIN)
+        while (left := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(left * 1000):
+                if sock is self._events:
+                    self._note_handshake_failure()
+                    continue
+                try:
+                    reply = E.decode(self._sock.recv_multipart())
+                except DecodeError:
+                    continue  # garbage cannot come from an authenticated server; ignore
+                if reply.req_id == req_id and reply.kind in (E.REPLY, E.ERROR):
+                    return reply
+        return None
+
+    def _note_handshake_failure(self) -> None:
+        event = recv_monitor_message(self._events)["event"]
+        refused = event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        AUTH_FAILURES.labels("client", "handshake_refused" if refused else "handshake_protocol").inc()
+        self.last_error = ("server refused our CURVE key" if refused
+                           else "CURVE handshake failed: wrong server public key?")
+
+    def close(self) -> None:
+        self._events.close(0)
+        self._sock.close(0)
+
