@@ -215,8 +215,8 @@ class CloneSubscriber:
         if self.phase is Phase.LIVE:
             if env.epoch != self.epoch:
                 return self._resync("epoch", now, [])
-            if env.prev.get(self.prefix) != self.chain:
-                return self._resync("tail-gap", now, [])
+            if env.seq > self.seq and env.prev.get(self.prefix) != self.chain:
+                return self._resync("tail-gap", now, [])  # (an older heartbeat says nothing)
         return []
 
     def _resync(self, cause: str, now: float, pending: list[Envelope]) -> list[Action]:

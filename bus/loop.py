@@ -51,6 +51,7 @@ class Loop:
         self._thread: threading.Thread | None = None
         self._owner: int | None = None
         self._running = False
+        self._closed = False
         self._closers: list[Callable[[], None]] = []
 
     # -- registration --
@@ -82,6 +83,8 @@ class Loop:
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         self._calls.append(callback)
+        if self._closed:
+            raise RuntimeError(f"loop {self.name} is stopped")
         with contextlib.suppress(BlockingIOError):  # a full pipe means the loop is awake
             os.write(self._wake_w, b"\0")
 
@@ -107,11 +110,20 @@ class Loop:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop (closing its components' sockets in its own thread) and wait for it."""
         if self._thread is not None and self._thread.is_alive():
             self.call_soon_threadsafe(self._halt)
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.log.error("loop did not stop in time", timeout=timeout)
+                return
         elif self._running:
             self._halt()
+            return
+        if not self._closed:
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _halt(self) -> None:
         self._running = False
@@ -121,7 +133,11 @@ class Loop:
         self._running = True
         try:
             while self._running:
-                self._run_once()
+                try:
+                    self._run_once()
+                except zmq.ZMQError:
+                    self.log.error("poll failed", exc_info=True)
+                    time.sleep(0.01)
         finally:
             for closer in reversed(self._closers):
                 try:
@@ -129,8 +145,7 @@ class Loop:
                 except Exception:
                     self.log.error("close failed", exc_info=True)
             self._closers.clear()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+
 
     def _run_once(self) -> None:
         timeout = 1000.0

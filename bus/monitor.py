@@ -7,6 +7,8 @@ once per burst and exposed as `last_error`, so the failure is never silent.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Callable
 
 import zmq
@@ -31,6 +33,20 @@ _EXPLAIN = {
 }
 
 
+def open_monitor(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """A monitor on a unique inproc address (pyzmq's default names it by fd, and fds are
+    reused while a closed socket's monitor may still be bound)."""
+    return sock.get_monitor_socket(events, addr=f"inproc://monitor.{uuid.uuid4().hex}")
+
+
+def close_monitor(sock: zmq.Socket, msock: zmq.Socket) -> None:
+    """Stop the monitor before closing its reader: libzmq sends events from its I/O thread
+    with a blocking send, so a monitor left without a reader would hang the whole context."""
+    with contextlib.suppress(zmq.ZMQError):
+        sock.disable_monitor()
+    msock.close(0)
+
+
 class Monitor:
     """Watches one socket's connection events from inside its Loop."""
 
@@ -47,14 +63,16 @@ class Monitor:
         self._on_failure = on_failure
         self._gauge = CONNECTED_PEERS.labels(role)
         self._loop = loop
-        self._msock = sock.get_monitor_socket(_EVENTS)
+        self._sock = sock
+        self._msock = open_monitor(sock, _EVENTS)
         loop.add_reader(self._msock, self._drain)
 
     def close(self) -> None:
+        """Call before closing the watched socket."""
         self._loop.remove_reader(self._msock)
+        close_monitor(self._sock, self._msock)
         self._gauge.dec(self.peers)
         self.peers = 0
-        self._msock.close(0)
 
     def _drain(self) -> None:
         for _ in range(256):

@@ -27,6 +27,7 @@ from bus.signing import Signer, Verifier
 
 _DRAIN_BATCH = 512
 DEFAULT_HWM = 10000
+_WELCOME_DELAY = 0.01
 
 
 def bind(sock: zmq.Socket, endpoint: str) -> str:
@@ -78,6 +79,7 @@ class Publisher:
         loop.add_reader(self._pub, self._on_subscription)
         loop.add_reader(self._router, self._on_snapshot_request)
         self._hb_timer = loop.call_every(hb_interval, self.heartbeat_all)
+        self._welcomes: set[str] = set()
         loop.on_close(self.close)
 
     # -- API (any thread) --
@@ -161,10 +163,24 @@ class Publisher:
                 continue
             if msg[0] == 1:
                 self.store.subscribe(prefix)
-                if self.serving:
-                    self._heartbeat(prefix)  # the welcome: proof the subscription is live
+                self._welcome(prefix)
             else:
                 self.store.unsubscribe(prefix)
+
+    def _welcome(self, prefix: str) -> None:
+        """Answer a subscription with a heartbeat on its prefix: proof to the subscriber that
+        we now track it. A burst of joins to one prefix shares a single welcome (else N joins
+        would cost N x N heartbeats)."""
+        if not self._welcomes:
+            self.loop.call_later(_WELCOME_DELAY, self._send_welcomes)
+        self._welcomes.add(prefix)
+
+    def _send_welcomes(self) -> None:
+        welcomes, self._welcomes = self._welcomes, set()
+        if self.serving:
+            for prefix in welcomes:
+                if prefix in self.store.chains:
+                    self._heartbeat(prefix)
 
     def _on_snapshot_request(self) -> None:
         for _ in range(_DRAIN_BATCH):

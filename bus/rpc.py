@@ -26,7 +26,7 @@ from bus.keys import Keyring
 from bus.logs import Log
 from bus.loop import Loop
 from bus.metrics import AUTH_FAILURES, RECEIVED, RPC_FAILURES, RPC_RETRIES, SENT
-from bus.monitor import Monitor
+from bus.monitor import Monitor, close_monitor, open_monitor
 from bus.pubsub import Rejects, bind
 from bus.security import secure_client, secure_server
 
@@ -134,8 +134,8 @@ class RpcClient:
         self._sock = (ctx or context()).socket(zmq.DEALER)
         self._sock.linger = 0
         secure_client(self._sock, endpoint, keyring, server)
-        self._events = self._sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._events = open_monitor(
+            self._sock, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self._sock.connect(endpoint)
         self.last_error: str | None = None
 
@@ -188,6 +188,6 @@ class RpcClient:
                            else "CURVE handshake failed: wrong server public key?")
 
     def close(self) -> None:
-        self._events.close(0)
+        close_monitor(self._sock, self._events)
         self._sock.close(0)
 

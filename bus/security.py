@@ -56,7 +56,12 @@ class ZapHandler:
                 return
             except zmq.ZMQError:
                 continue
-            self._sock.send_multipart(self._answer(msg))
+            try:
+                reply = self._answer(msg)
+            except Exception:  # never let one odd request stop authentication for the process
+                self._log.error("ZAP request failed", exc_info=True)
+                reply = [b"1.0", msg[1] if len(msg) > 1 else b"", b"500", b"internal error", b"", b""]
+            self._sock.send_multipart(reply)
 
     def _answer(self, msg: list[bytes]) -> list[bytes]:
         if len(msg) < 6:

@@ -1,0 +1,35 @@
+"""Builders for bus components in tests (real sockets on loopback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bus.keys import Keyring
+from bus.loop import Loop
+from bus.pubsub import Publisher, Subscriber
+from bus.signing import Signer, Verifier
+
+FAST = {"hb_interval": 0.2}
+FAST_SUB = {"silence_timeout": 1.0, "snapshot_timeout": 0.5}
+
+
+def publisher(loop: Loop, keydir: Path, name: str = "pilot", **kw: Any) -> Publisher:
+    ring = Keyring(keydir, name)
+    opts = {"pub_endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*", **FAST, **kw}
+    return loop.call_sync(lambda: Publisher(loop, keyring=ring, signer=Signer(name, ring.signing_key()),
+                                            name=name, **opts))
+
+
+def subscriber(loop: Loop, keydir: Path, pub: Publisher | None, prefix: str = "cfg/",
+               name: str = "proxy-a", server: str = "pilot", changes: list | None = None,
+               **kw: Any) -> Subscriber:
+    ring = Keyring(keydir, name)
+    opts = {**FAST_SUB, **kw}
+    if pub is not None:
+        opts.setdefault("pub_endpoint", pub.pub_endpoint)
+        opts.setdefault("snapshot_endpoint", pub.snapshot_endpoint)
+    if changes is not None:
+        opts["on_change"] = lambda k, v: changes.append((k, v))
+    return loop.call_sync(lambda: Subscriber(loop, prefix=prefix, keyring=ring, server=server,
+                                             verifier=Verifier(ring.trusted_signers), name=name, **opts))

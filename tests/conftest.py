@@ -1,0 +1,66 @@
+"""Shared fixtures: a mesh key directory, running loops, and bounded waiting."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from bus import keys, logs
+from bus.loop import Loop
+
+NAMES = ("pilot", "nodeagent", "proxy-a", "proxy-b")
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+logs.configure("INFO")
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.01) -> bool:
+    """Poll `cond` until truthy or `timeout`; returns the final truth value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(scope="session")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("mesh-keys")
+    for name in NAMES:
+        keys.generate(d, name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def outsider_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keys that are NOT in the mesh keyring (an intruder, an impostor 'pilot')."""
+    d = tmp_path_factory.mktemp("outsider-keys")
+    for name in ("intruder", "pilot"):
+        keys.generate(d, name)
+    return d
+
+
+@pytest.fixture
+def loops() -> Iterator[Callable[[str], Loop]]:
+    """Start as many loops as a test wants; all are stopped afterwards."""
+    started: list[Loop] = []
+
+    def make(name: str = "test") -> Loop:
+        loop = Loop(name).start()
+        started.append(loop)
+        return loop
+
+    yield make
+    for loop in started:
+        loop.stop()
