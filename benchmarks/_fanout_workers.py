@@ -12,7 +12,6 @@ from __future__ import annotations
 import cProfile
 import os
 import resource
-import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -114,15 +113,6 @@ def bus_counters() -> dict[str, dict[str, float]]:
     return out
 
 
-def _start_loop(loop: Any, profile: str | None) -> tuple[threading.Thread, cProfile.Profile | None]:
-    """Run the loop in a thread, optionally under cProfile (the loop thread is where the time goes)."""
-    prof = _profiler(profile)
-    target = (lambda: prof.runcall(loop.run)) if prof else loop.run
-    thread = threading.Thread(target=target, name=f"loop-{loop.name}", daemon=True)
-    thread.start()
-    return thread, prof
-
-
 def _bus_worker(wid: int, cfg: dict[str, Any], conn: Connection, results: Queue,
                 build: Any) -> None:
     from bus.keys import Keyring
@@ -141,14 +131,20 @@ def _bus_worker(wid: int, cfg: dict[str, Any], conn: Connection, results: Queue,
 
     loop = Loop(f"w{wid}")
     subs, stats = build(loop, keyring, verifier, on_change)  # before the loop runs: no call_sync
-    thread, prof = _start_loop(loop, cfg.get("profile"))
+    prof = _profiler(cfg.get("profile"))
+    loop.start()
     try:
         for sub in subs:
             if not sub.wait_ready(_remaining(deadline)):
                 raise TimeoutError(f"worker {wid}: subscriber {sub.name} not synced by the deadline")
         at_ready = loop.call_sync(lambda: (sum(s.resyncs for s in subs) + stats(), bus_counters()))
+        if prof is not None:
+            loop.call_sync(prof.enable)  # the loop thread, from now on: not the join
         results.put(("ready", wid, {"subs": len(subs), "pid": os.getpid()}))
         _await_stop(conn, deadline)
+        if prof is not None:
+            loop.call_sync(prof.disable)
+            prof.dump_stats(cfg["profile"])
         payload = loop.call_sync(recorder.payload, timeout=10)
         resyncs = loop.call_sync(lambda: sum(s.resyncs for s in subs) + stats(), timeout=10)
         payload.update(setup_resyncs=at_ready[0], resyncs=resyncs - at_ready[0],
@@ -156,9 +152,6 @@ def _bus_worker(wid: int, cfg: dict[str, Any], conn: Connection, results: Queue,
         results.put(("result", wid, payload))
     finally:
         loop.stop()
-        thread.join(5)
-        if prof is not None:
-            prof.dump_stats(cfg["profile"])
 
 
 def _zmesh_worker(wid: int, cfg: dict[str, Any], conn: Connection, results: Queue) -> None:
@@ -226,8 +219,6 @@ def _raw_worker(wid: int, cfg: dict[str, Any], conn: Connection, results: Queue)
         poller.register(conn.fileno(), zmq.POLLIN)
         heard: set[zmq.Socket] = set()
         ready = False
-        if prof:
-            prof.enable()
         while _remaining(deadline) > 0:
             events = poller.poll(min(500.0, _remaining(deadline) * 1000))
             stop = False
@@ -250,6 +241,8 @@ def _raw_worker(wid: int, cfg: dict[str, Any], conn: Connection, results: Queue)
                         heard.add(sock)
             if not ready and len(heard) == len(socks):
                 ready = True
+                if prof:
+                    prof.enable()
                 results.put(("ready", wid, {"subs": len(socks), "pid": os.getpid()}))
             if stop:
                 break

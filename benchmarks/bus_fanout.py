@@ -81,6 +81,7 @@ class Result:
     auth_failures: dict[str, float] = field(default_factory=dict)
     cpu_ms_per_update: dict[str, float] = field(default_factory=dict)
     idle_cores: dict[str, float] = field(default_factory=dict)
+    other_load_cores: float | None = None
     seconds: float = 0.0
     error: str | None = None
     ratio: float | None = None
@@ -101,6 +102,7 @@ class Result:
                 "auth_failures": self.auth_failures,
                 "cpu_ms_per_update": {k: round(v, 2) for k, v in self.cpu_ms_per_update.items()},
                 "idle_cores": {k: round(v, 3) for k, v in self.idle_cores.items()},
+                "other_load_cores": r(self.other_load_cores),
                 "seconds": round(self.seconds, 1), "error": self.error}
 
 
@@ -136,6 +138,14 @@ def proc_cpu(pids: list[int]) -> dict[str, float]:
             secs = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
             out["zmq_io" if comm.startswith("ZMQbg") else "python"] += secs
     return out
+
+
+def system_busy() -> float:
+    """CPU seconds the whole machine has spent busy: with ours subtracted, the load of anything
+    else running meanwhile (a test suite, say), which on 2 cores skews every number here."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICK
 
 
 def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -326,6 +336,7 @@ def run_config(kind: str, n: int, sizes: list[int], opts: Options, keydir: Path,
         sent: dict[int, float] = {}
         slow = 0
         cpu0 = {"pub": proc_cpu(me), "sub": proc_cpu(pids)}
+        busy0, t_phase = system_busy(), time.monotonic()
         for i in range(total_updates):
             sent[i] = time.monotonic()
             pub.send(i)
@@ -333,9 +344,15 @@ def run_config(kind: str, n: int, sizes: list[int], opts: Options, keydir: Path,
                 slow += 1
             time.sleep(opts.gap)
         ws.wait(lambda: len(ws.done.get(total_updates - 1, ())) == len(sizes), opts.update_timeout)
+        ours = 0.0
         for side, pp in (("pub", me), ("sub", pids)):
             for k, v in cpu_delta(proc_cpu(pp), cpu0[side]).items():
                 res.cpu_ms_per_update[f"{side}_{k}"] = v * 1000 / total_updates
+                ours += v
+        res.other_load_cores = max(0.0, system_busy() - busy0 - ours) / (time.monotonic() - t_phase)
+        if res.other_load_cores > 0.25:
+            log(f"{kind} N={n}: WARNING: other processes used {res.other_load_cores:.2f} cores meanwhile; "
+                "these numbers are skewed")
         ws.stop()
         if not ws.wait(lambda: len(ws.payloads) == len(sizes), 30):
             raise TimeoutError(f"only {len(ws.payloads)}/{len(sizes)} workers returned results")

@@ -170,8 +170,13 @@ def decode_triplet(topic: bytes, header: bytes, body: bytes,
 
 
 def decode_snapshot(frames: list[bytes], max_body: int = DEFAULT_MAX_BODY
-                    ) -> tuple[Envelope, list[Envelope]]:
-    """A snapshot reply: one SNAPSHOT envelope, then `count` entry triplets."""
+                    ) -> tuple[Envelope, list[Envelope], list[DecodeError]]:
+    """A snapshot reply: one SNAPSHOT envelope, then `count` entry triplets.
+
+    A bad head or frame count rejects the whole reply; a bad entry (say, one over this
+    receiver's body limit) is left out and returned among the errors, so one entry the
+    receiver cannot take does not keep it from syncing the rest.
+    """
     if len(frames) < 3 or len(frames) % 3:
         raise DecodeError("frame_count", f"snapshot with {len(frames)} frames")
     head = decode_triplet(frames[0], frames[1], frames[2], max_body)
@@ -179,6 +184,11 @@ def decode_snapshot(frames: list[bytes], max_body: int = DEFAULT_MAX_BODY
         raise DecodeError("bad_kind", f"expected snapshot, got {head.kind}")
     if head.count != len(frames) // 3 - 1:
         raise DecodeError("frame_count", f"snapshot says {head.count} entries")
-    entries = [decode_triplet(frames[i], frames[i + 1], frames[i + 2], max_body)
-               for i in range(3, len(frames), 3)]
-    return head, entries
+    entries: list[Envelope] = []
+    errors: list[DecodeError] = []
+    for i in range(3, len(frames), 3):
+        try:
+            entries.append(decode_triplet(frames[i], frames[i + 1], frames[i + 2], max_body))
+        except DecodeError as exc:
+            errors.append(exc)
+    return head, entries, errors

@@ -21,15 +21,20 @@ from bus.metrics import AUTH_FAILURES, CONNECTED_PEERS
 _EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
            | zmq.EVENT_DISCONNECTED)
+# Which failure events mean what, per side. A client given the wrong server key sees
+# NO_DETAIL (the server just hangs up); the server sees PROTOCOL (it cannot open the HELLO).
 _FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_protocol",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_refused",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
 }
 _EXPLAIN = {
-    "handshake_protocol": "CURVE handshake failed: wrong server public key?",
-    "handshake_refused": "server refused our CURVE key (not on its allow-list)",
-    "handshake_failed": "handshake failed",
+    ("client", "handshake_protocol"): "CURVE handshake failed: wrong server public key?",
+    ("client", "handshake_failed"): "CURVE handshake failed: wrong server public key?",
+    ("client", "handshake_refused"): "server refused our CURVE key (not on its allow-list)",
+    ("server", "handshake_protocol"): "a client's CURVE handshake failed (it holds a wrong key for us?)",
+    ("server", "handshake_failed"): "a client's handshake failed",
+    ("server", "handshake_refused"): "refused a client key (not on the allow-list)",
 }
 
 
@@ -98,7 +103,7 @@ class Monitor:
             reason = _FAILURES[event]
             self._pending_failures += 1
             self.failures += 1
-            self.last_error = _EXPLAIN[reason]
+            self.last_error = _EXPLAIN[self.side, reason]
             AUTH_FAILURES.labels(self.side, reason).inc()
             self._burst.event(reason, self.last_error, role=self.role,
                               endpoint=endpoint.decode(errors="replace"),

@@ -317,10 +317,12 @@ class Subscriber:
             except zmq.Again:
                 return
             try:
-                head, entries = E.decode_snapshot(frames, self._max_body)
+                head, entries, errors = E.decode_snapshot(frames, self._max_body)
             except DecodeError as exc:
                 self._reject(exc.reason, exc.detail)
                 continue
+            for exc in errors:
+                self._reject(exc.reason, exc.detail, where="snapshot")
             valid = True
             for entry in entries:
                 reason = self._verifier.check(entry)

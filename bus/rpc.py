@@ -135,7 +135,8 @@ class RpcClient:
         self._sock.linger = 0
         secure_client(self._sock, endpoint, keyring, server)
         self._events = open_monitor(
-            self._sock, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            self._sock, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self._sock.connect(endpoint)
         self.last_error: str | None = None
 

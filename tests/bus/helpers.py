@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import zmq
+
+from bus.context import context
 from bus.keys import Keyring
 from bus.loop import Loop
 from bus.pubsub import Publisher, Subscriber
@@ -33,3 +36,25 @@ def subscriber(loop: Loop, keydir: Path, pub: Publisher | None, prefix: str = "c
         opts["on_change"] = lambda k, v: changes.append((k, v))
     return loop.call_sync(lambda: Subscriber(loop, prefix=prefix, keyring=ring, server=server,
                                              verifier=Verifier(ring.trusted_signers), name=name, **opts))
+
+
+def raw_server(kind: int, keydir: Path, name: str) -> tuple[zmq.Socket, int]:
+    """A bare CURVE server socket with `name`'s keys (no ZAP), bound to a random port."""
+    keys = Keyring(keydir, name).curve()
+    sock = context().socket(kind)
+    sock.linger = 0
+    sock.curve_server = True
+    sock.curve_secretkey, sock.curve_publickey = keys.secret, keys.public
+    return sock, sock.bind_to_random_port("tcp://127.0.0.1")
+
+
+def raw_client(kind: int, keydir: Path, name: str, endpoint: str, server: str = "pilot") -> zmq.Socket:
+    """A bare CURVE client socket with `name`'s keys, connected to `endpoint`."""
+    ring = Keyring(keydir, name)
+    keys = ring.curve()
+    sock = context().socket(kind)
+    sock.linger = 0
+    sock.curve_secretkey, sock.curve_publickey = keys.secret, keys.public
+    sock.curve_serverkey = ring.curve_public(server)
+    sock.connect(endpoint)
+    return sock

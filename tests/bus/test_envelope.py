@@ -77,8 +77,11 @@ def test_snapshot_frames_must_match_their_count() -> None:
     head = E.make("cfg/", E.SNAPSHOT, count=2)
     entry = E.make("cfg/a", E.UPDATE, 1)
     frames = head.frames() + entry.frames() + entry.frames()
-    got_head, entries = E.decode_snapshot(frames)
-    assert got_head.count == 2 and len(entries) == 2
+    got_head, entries, errors = E.decode_snapshot(frames)
+    assert got_head.count == 2 and len(entries) == 2 and errors == []
+    big = E.make("cfg/big", E.UPDATE, body=b"x" * 200)
+    _, entries, errors = E.decode_snapshot(head.frames() + entry.frames() + big.frames(), max_body=100)
+    assert [e.topic for e in entries] == ["cfg/a"] and [e.reason for e in errors] == ["body_too_large"]
     with pytest.raises(DecodeError, match="frame_count"):
         E.decode_snapshot(frames[:-3])
     with pytest.raises(DecodeError, match="frame_count"):
