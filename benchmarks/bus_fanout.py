@@ -327,6 +327,7 @@ def run_config(kind: str, n: int, sizes: list[int], opts: Options, keydir: Path,
         log(f"{kind} N={n}: all subscribers ready after {time.monotonic() - started:.1f}s; "
             f"{opts.warmup} warm-up + {opts.updates} measured updates")
         me, pids = [os.getpid()], [p.pid for p in ws.procs]
+        ws.wait(lambda: False, 0.5)  # let the join's tail (late snapshot replies) drain first
         idle0, t_idle = {"pub": proc_cpu(me), "sub": proc_cpu(pids)}, time.monotonic()
         ws.wait(lambda: False, opts.idle)  # background cost: heartbeats, timers, keep-alives
         idle_s = time.monotonic() - t_idle
