@@ -62,8 +62,8 @@ def validate_document(doc: Document) -> tuple[Resource | None, list[Diagnostic]]
                    code=UNSUPPORTED_KIND)
         return None, report.diagnostics
     if version not in known[1]:
-        report.error(("apiVersion",), f"{kind} does not exist in {api_version} "
-                                      f"(supported: {', '.join(f'{group}/{v}' if group else v for v in known[1])})")
+        supported = ", ".join(f"{group}/{v}" if group else v for v in known[1])
+        report.error(("apiVersion",), f"{kind} does not exist in {api_version} (supported: {supported})")
         return None, report.diagnostics
     if not isinstance(name, str) or not name:
         report.error(("metadata", "name"), "metadata.name is required")
