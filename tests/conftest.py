@@ -14,6 +14,9 @@ from bus import keys, logs
 from bus.loop import Loop
 
 NAMES = ("pilot", "nodeagent", "proxy-a", "proxy-b")
+ROOT = Path(__file__).resolve().parents[1]
+# shared/ sits beside the checkout (for developers and CI alike)
+ISTIO_TESTDATA = ROOT.parent / "shared" / "testdata" / "istio"
 
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -32,6 +35,13 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float 
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(scope="session")
+def istio_testdata() -> Path:
+    """Istio's bookinfo samples and validation dataset (Apache-2.0), from ../shared."""
+    assert ISTIO_TESTDATA.is_dir(), f"{ISTIO_TESTDATA} is missing: shared/ must sit beside the checkout"
+    return ISTIO_TESTDATA
 
 
 @pytest.fixture(scope="session")
