@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from bus.cli import bus_group
+from controlplane.galley.cli import apply_command, galley_command, get_command
 
 
 @click.group()
@@ -14,6 +15,9 @@ def cli() -> None:
 
 
 cli.add_command(bus_group)
+cli.add_command(galley_command)
+cli.add_command(apply_command)
+cli.add_command(get_command)
 
 
 def main() -> None:

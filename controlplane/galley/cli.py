@@ -1,0 +1,166 @@
+"""`meshctl galley` (run the service), `meshctl apply` and `meshctl get`.
+
+apply and get work on the configured source directly (directory or etcd); apply
+validates first and refuses invalid input with the same diagnostics galley logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import click
+import yaml
+from prometheus_client import start_http_server
+
+from bus import endpoints, keys, logs
+from bus.loop import Loop
+from bus.pubsub import Publisher
+from bus.signing import Signer
+from controlplane.config.model import SUPPORTED, Resource
+from controlplane.config.validate import load_paths
+from controlplane.galley.etcd import EtcdClient, EtcdError
+from controlplane.galley.service import Galley
+from controlplane.galley.source_dir import DirectorySource, write_atomically
+from controlplane.galley.source_etcd import EtcdSource
+from controlplane.galley.store import ConfigStore
+
+DEFAULT_CONFIG_DIR = os.path.expanduser("~/.zmesh/config")
+DEFAULT_ETCD_PREFIX = "/zmesh/config/"
+# kubectl's short names for Istio's and Kubernetes' kinds
+SHORT_NAMES = {"vs": "VirtualService", "dr": "DestinationRule", "se": "ServiceEntry", "we": "WorkloadEntry",
+               "gw": "Gateway", "pa": "PeerAuthentication", "ap": "AuthorizationPolicy",
+               "ra": "RequestAuthentication", "svc": "Service", "deploy": "Deployment", "po": "Pod",
+               "ns": "Namespace", "sa": "ServiceAccount"}
+
+source_options = [
+    click.option("--config-dir", envvar="ZMESH_CONFIG_DIR", default=DEFAULT_CONFIG_DIR, show_default=True,
+                 type=click.Path(file_okay=False), help="The watched config directory."),
+    click.option("--etcd", envvar="ZMESH_ETCD", default=None,
+                 help="Use etcd at this URL (http://host:port) instead of the directory."),
+    click.option("--etcd-prefix", envvar="ZMESH_ETCD_PREFIX", default=DEFAULT_ETCD_PREFIX, show_default=True),
+]
+
+
+def with_source(fn):
+    for option in reversed(source_options):
+        fn = option(fn)
+    return fn
+
+
+def unit_name(r: Resource) -> str:
+    """Where `meshctl apply` keeps a resource: one unit per resource."""
+    return f"{r.namespace or '_cluster'}/{r.kind.lower()}-{r.name}.yaml"
+
+
+def read_store(config_dir: str, etcd: str | None, prefix: str) -> ConfigStore:
+    store = ConfigStore()
+    if etcd:
+        try:
+            _, kvs = EtcdClient(etcd).get_prefix(prefix)
+        except EtcdError as exc:
+            raise click.ClickException(str(exc)) from None
+        for kv in kvs:
+            store.update(kv.key, kv.value)
+    else:
+        root = Path(config_dir)
+        for f in sorted(root.rglob("*")) if root.is_dir() else []:
+            if f.suffix in (".yaml", ".yml") and f.is_file() and not f.name.startswith("."):
+                store.update(str(f.relative_to(root)), f.read_text())
+    return store
+
+
+@click.command("apply")
+@click.option("-f", "--filename", "paths", multiple=True, required=True, type=click.Path(exists=True),
+              help="A YAML file or a directory of them.")
+@with_source
+def apply_command(paths: tuple[str, ...], config_dir: str, etcd: str | None, etcd_prefix: str) -> None:
+    """Validate config and write it to the mesh's config source."""
+    result = load_paths(list(paths))
+    for d in result.diagnostics:
+        click.echo(str(d), err=True)
+    if result.errors:
+        raise click.ClickException(f"refused: {len(result.errors)} error(s); nothing was applied")
+    current = read_store(config_dir, etcd, etcd_prefix)
+    owners = {key: unit for unit, u in current.units.items() for key in u.resources}
+    for r in result.resources:
+        target = (etcd_prefix + unit_name(r)) if etcd else unit_name(r)
+        owner = owners.get(r.key)
+        if owner is not None and owner != target:
+            raise click.ClickException(f"{r.key} is defined in {owner}; edit it there")
+    for r in result.resources:
+        text = yaml.safe_dump(r.raw, sort_keys=False)
+        if etcd:
+            EtcdClient(etcd).put(etcd_prefix + unit_name(r), text)
+        else:
+            write_atomically(Path(config_dir) / unit_name(r), text)
+        click.echo(f"{r.kind.lower()}/{r.name} ({r.namespace or 'cluster'}) applied")
+
+
+@click.command("get")
+@click.argument("kind")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default=None, help="Only this namespace.")
+@click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table")
+@with_source
+def get_command(kind: str, name: str | None, namespace: str | None, output: str, config_dir: str,
+                etcd: str | None, etcd_prefix: str) -> None:
+    """Read config back from the mesh's config source."""
+    kinds = {k.lower(): k for k in SUPPORTED} | SHORT_NAMES
+    canonical = kinds.get(kind.lower()) or kinds.get(kind.lower().removesuffix("s"))
+    if canonical is None:
+        raise click.ClickException(f"unknown kind {kind!r} (known: {', '.join(sorted(SUPPORTED))})")
+    store = read_store(config_dir, etcd, etcd_prefix)
+    found = [r for key, r in sorted(store.snapshot.items())
+             if key.kind == canonical and (name is None or key.name == name)
+             and (namespace is None or key.namespace == namespace)]
+    if name is not None and not found:
+        raise click.ClickException(f"{canonical} {name!r} not found")
+    if output == "json":
+        click.echo(json.dumps([r.raw for r in found], indent=2, default=str))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump_all([r.raw for r in found], sort_keys=False), nl=False)
+    else:
+        click.echo(f"{'NAMESPACE':<20} {'NAME':<40} SOURCE")
+        for r in found:
+            click.echo(f"{r.namespace:<20} {r.name:<40} {r.file}")
+
+
+@click.command("galley")
+@with_source
+@click.option("--keys", "key_dir", envvar="ZMESH_KEYS", required=True, type=click.Path(file_okay=False))
+@click.option("--name", default="galley", show_default=True, help="Our key name.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port-base", type=int, default=None, help="Move every control-plane port (ZMESH_PORT_BASE).")
+@click.option("--debounce", type=float, default=0.02, show_default=True)
+def galley_command(config_dir: str, etcd: str | None, etcd_prefix: str, key_dir: str, name: str,
+                   host: str, port_base: int | None, debounce: float) -> None:
+    """Run galley: watch the config source, validate, publish snapshots on the bus."""
+    logs.configure()
+    ring = keys.Keyring(key_dir, name)
+    loop = Loop("galley")
+    try:
+        pub = Publisher(loop, pub_endpoint=endpoints.tcp("galley", "pub", host, port_base),
+                        snapshot_endpoint=endpoints.tcp("galley", "snapshot", host, port_base),
+                        keyring=ring, signer=Signer(name, ring.signing_key()), name=name)
+    except keys.KeyringError as exc:
+        raise click.ClickException(str(exc)) from None
+    galley = Galley(loop, pub, debounce=debounce)
+    start_http_server(endpoints.port("galley", "metrics", port_base), addr=host)
+    if etcd:
+        source = EtcdSource(loop, etcd, etcd_prefix, galley.on_unit)
+        source.start()
+    else:
+        directory = DirectorySource(loop, config_dir, galley.on_unit)
+        loop.call_soon_threadsafe(directory.start)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    loop.start()
+    galley.log.info("galley running", source=etcd or config_dir, pub=pub.pub_endpoint)
+    done.wait()
+    loop.stop()
+
