@@ -68,9 +68,10 @@ class _Builder:
 
 def load_documents(text: str, file: str = "<input>") -> list[Document]:
     """Every non-empty document in `text`; malformed YAML raises ConfigError with its line."""
-    loader = yaml.SafeLoader(text)
     docs: list[Document] = []
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader already rejects control characters
         index = 0
         while loader.check_node():
             node = loader.get_node()
@@ -91,5 +92,6 @@ def load_documents(text: str, file: str = "<input>") -> list[Document]:
     except RecursionError:
         raise _error(file, 0, "invalid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return docs
