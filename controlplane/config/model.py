@@ -6,6 +6,7 @@ with the spec as written (every supported version of these kinds shares its fiel
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class Resource:
             out["annotations"] = self.annotations
         return out
 
-    def version_hash(self) -> str:
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """A hash of the normalised form (resources are not mutated once loaded)."""
         blob = json.dumps(self.normalized(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return hashlib.sha256(blob).hexdigest()[:32]

@@ -19,6 +19,8 @@ Path = tuple[str | int, ...]
 # IST0101..: Istio's codes. YAML that cannot be parsed is Istio's "InternalError"-free
 # equivalent of a schema failure: we report it under the schema code.
 SCHEMA_CODE = ("IST0106", "SchemaValidationError")
+# libyaml's parser is ~20x faster than PyYAML's pure-Python one and keeps the same marks.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass
@@ -43,7 +45,7 @@ def _error(file: str, line: int, message: str) -> ConfigError:
 
 
 class _Builder:
-    def __init__(self, loader: yaml.SafeLoader, file: str) -> None:
+    def __init__(self, loader: yaml.SafeLoader, file: str) -> None:  # (or CSafeLoader)
         self.loader = loader
         self.file = file
         self.marks: dict[Path, int] = {}
@@ -69,9 +71,9 @@ class _Builder:
 def load_documents(text: str, file: str = "<input>") -> list[Document]:
     """Every non-empty document in `text`; malformed YAML raises ConfigError with its line."""
     docs: list[Document] = []
-    loader: yaml.SafeLoader | None = None
+    loader = None
     try:
-        loader = yaml.SafeLoader(text)  # the reader already rejects control characters
+        loader = _Loader(text)  # the reader already rejects control characters
         index = 0
         while loader.check_node():
             node = loader.get_node()
