@@ -46,6 +46,7 @@ GOAL = {"n": 1000, "p99_ms_max": 100.0, "ratio_max": 1.3}
 
 
 def log(msg: str) -> None:
+    """Progress to stderr, so stdout stays the table plus one JSON line."""
     print(f"[bus_fanout {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
@@ -149,6 +150,7 @@ def system_busy() -> float:
 
 
 def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds spent between two `proc_cpu` readings."""
     return {k: after[k] - before[k] for k in after}
 
 
@@ -298,6 +300,7 @@ class Workers:
 
 
 def split(n: int, parts: int) -> list[int]:
+    """N subscribers over at most `parts` workers, as evenly as possible (N=10 on 4: 3/3/2/2)."""
     parts = max(1, min(parts, n))
     return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
 
