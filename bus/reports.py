@@ -62,7 +62,7 @@ class ReportCollector:
         self._handler = handler
         self._max_body = max_body
         self._reject = Rejects(Log("bus.collector", name=name))
-        self._sock = loop.ctx.socket(zmq.PULL)
+        self._sock = loop.socket(zmq.PULL)
         self._sock.linger = 0
         secure_server(self._sock, endpoint, keyring)
         self.endpoint = bind(self._sock, endpoint)

@@ -60,7 +60,7 @@ class RpcServer:
         self.log = Log("bus.rpc-server", name=name)
         self._reject = Rejects(self.log)
         self._replies: OrderedDict[tuple[bytes, bytes], list[bytes]] = OrderedDict()
-        self._sock = loop.ctx.socket(zmq.ROUTER)
+        self._sock = loop.socket(zmq.ROUTER)
         self._sock.linger = 0
         secure_server(self._sock, endpoint, keyring)
         self.endpoint = bind(self._sock, endpoint)

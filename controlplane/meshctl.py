@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from bus.cli import bus_group
+from controlplane.config.analyze_cli import analyze_command
 from controlplane.galley.cli import apply_command, galley_command, get_command
 
 
@@ -15,6 +16,7 @@ def cli() -> None:
 
 
 cli.add_command(bus_group)
+cli.add_command(analyze_command)
 cli.add_command(galley_command)
 cli.add_command(apply_command)
 cli.add_command(get_command)
