@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from bus.envelope import DELETE, HEARTBEAT, SNAPSHOT, UPDATE, Envelope, make
@@ -135,10 +136,12 @@ class CloneSubscriber:
     """Subscriber state for one prefix. Feed it messages and ticks; it returns actions."""
 
     def __init__(self, prefix: str, silence_timeout: float = 3.0,
-                 snapshot_timeout: float = 2.0) -> None:
+                 snapshot_timeout: float = 2.0, jitter: Callable[[], float] = random.random) -> None:
         self.prefix = prefix
         self.silence_timeout = silence_timeout
         self.snapshot_timeout = snapshot_timeout
+        self._jitter = jitter
+        self._retries = 0
         self.phase = Phase.WAIT_WELCOME
         self.state: dict[str, Envelope] = {}
         self.epoch = 0
@@ -202,7 +205,7 @@ class CloneSubscriber:
             self._pending = []
             return [Resync("silence")]
         if self.phase is Phase.SNAPSHOT and now > self._deadline:
-            return [Resync("snapshot-timeout"), self._request(now)]
+            return [Resync("snapshot-timeout"), self._request(now, retry=True)]
         return []
 
     # -- internals --
@@ -223,10 +226,14 @@ class CloneSubscriber:
         self._pending = list(pending)
         return [Resync(cause), self._request(now)]
 
-    def _request(self, now: float) -> RequestSnapshot:
+    def _request(self, now: float, retry: bool = False) -> RequestSnapshot:
+        """Ask for a snapshot. Retries back off (x2, up to x8) with +-25% jitter, so a thousand
+        subscribers that joined together do not keep asking together."""
+        self._retries = self._retries + 1 if retry else 0
         self._req_counter += 1
         self._req_id = self._req_counter.to_bytes(8, "big")
-        self._deadline = now + self.snapshot_timeout
+        factor = 2 ** min(self._retries, 3) * (0.75 + 0.5 * self._jitter())
+        self._deadline = now + self.snapshot_timeout * factor
         self.phase = Phase.SNAPSHOT
         return RequestSnapshot(self._req_id)
 

@@ -35,18 +35,19 @@ KINDS = frozenset(
 # per-prefix chain) and `id`/`n` are transport bookkeeping that relays rewrite.
 SIGNED_FIELDS = ("v", "k", "s", "e", "o", "cv", "t")
 
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "v": int,
-    "k": str,
-    "s": int,
-    "e": int,
-    "o": str,
-    "cv": str,
-    "t": (int, float),
-    "sig": bytes,
-    "p": dict,
-    "id": bytes,
-    "n": int,
+# Exact types per header field (bool is not an int here, unlike isinstance).
+_FIELD_TYPES: dict[str, frozenset[type]] = {
+    "v": frozenset({int}),
+    "k": frozenset({str}),
+    "s": frozenset({int}),
+    "e": frozenset({int}),
+    "o": frozenset({str}),
+    "cv": frozenset({str}),
+    "t": frozenset({int, float}),
+    "sig": frozenset({bytes}),
+    "p": frozenset({dict}),
+    "id": frozenset({bytes}),
+    "n": frozenset({int}),
 }
 
 
@@ -152,16 +153,15 @@ def decode_triplet(topic: bytes, header: bytes, body: bytes,
         raise DecodeError("bad_version", f"schema version {version!r}")
     for name, value in h.items():
         expected = _FIELD_TYPES.get(name)
-        if expected is None:
-            continue  # newer minor fields are ignored, not fatal
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if expected is not None and type(value) not in expected:  # unknown fields: newer minors
             raise DecodeError("bad_header", f"field {name!r} has type {type(value).__name__}")
     kind = h.get("k")
     if kind not in KINDS:
         raise DecodeError("bad_kind", f"kind {kind!r}")
-    prev = h.get("p", {})
-    if not all(isinstance(k, str) and isinstance(v, int) for k, v in prev.items()):
-        raise DecodeError("bad_header", "field 'p' must map str to int")
+    prev = h.get("p") or {}
+    for k, v in prev.items():
+        if type(k) is not str or type(v) is not int:
+            raise DecodeError("bad_header", "field 'p' must map str to int")
     return Envelope(
         topic=topic_s, kind=kind, seq=h.get("s", 0), epoch=h.get("e", 0),
         origin=h.get("o", ""), config_version=h.get("cv", ""), ts=float(h.get("t", 0.0)),

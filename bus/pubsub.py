@@ -83,6 +83,7 @@ class Publisher:
         loop.add_reader(self._router, self._on_snapshot_request)
         self._hb_timer = loop.call_every(hb_interval, self.heartbeat_all)
         self._welcomes: set[str] = set()
+        self._snapshots: dict[str, tuple[tuple[int, int], list[bytes]]] = {}
         loop.on_close(self.close)
 
     # -- API (any thread) --
@@ -170,6 +171,21 @@ class Publisher:
             else:
                 self.store.unsubscribe(prefix)
 
+    def _snapshot_entries(self, prefix: str) -> list[bytes]:
+        """Encoded entries under `prefix`, reused while the state has not moved (a join storm
+        asks for the same snapshot a thousand times)."""
+        stamp = (self.store.epoch, self.store.seq)
+        cached = self._snapshots.get(prefix)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        out: list[bytes] = []
+        for entry in self.store.subtree(prefix):
+            out += entry.frames()
+        if len(self._snapshots) > 1024:
+            self._snapshots.clear()
+        self._snapshots[prefix] = (stamp, out)
+        return out
+
     def _welcome(self, prefix: str) -> None:
         """Answer a subscription with a heartbeat on its prefix: proof to the subscriber that
         we now track it. A burst of joins to one prefix shares a single welcome (else N joins
@@ -205,12 +221,10 @@ class Publisher:
             _RECEIVED[req.kind].inc()
             if not self.serving:
                 continue  # the client's timeout retries once we hold a state
-            entries = list(self.store.subtree(req.topic))
-            head = self.store.snapshot_head(req.topic, len(entries))
+            entry_frames = self._snapshot_entries(req.topic)
+            head = self.store.snapshot_head(req.topic, len(entry_frames) // 3)
             head.req_id = req.req_id
-            out = [frames[0], *head.frames()]
-            for entry in entries:
-                out += entry.frames()
+            out = [frames[0], *head.frames(), *entry_frames]
             try:
                 self._router.send_multipart(out, zmq.NOBLOCK)
                 _SENT[E.SNAPSHOT].inc()

@@ -144,17 +144,22 @@ def test_silence_resyncs_once_the_publisher_is_heard_again() -> None:
 
 def test_snapshot_timeout_asks_again_and_ignores_the_stale_reply() -> None:
     wire = Wire()
-    sub = CloneSubscriber("cfg/", snapshot_timeout=1.0)
+    sub = CloneSubscriber("cfg/", silence_timeout=100, snapshot_timeout=1.0, jitter=lambda: 0.5)
     wire.store.subscribe("cfg/")
     [first] = sub.on_message(wire.store.heartbeat("cfg/"), 0.0)
-    actions = sub.on_tick(1.5)
+    assert sub.on_tick(0.9) == []
+    actions = sub.on_tick(1.1)
     assert actions[0] == Resync("snapshot-timeout")
     second = actions[1]
     assert second.req_id != first.req_id
     assert sub.on_snapshot(*wire.snapshot("cfg/", first), 1.6) == []
     assert not sub.ready
-    assert sub.on_snapshot(*wire.snapshot("cfg/", second), 1.7)
-    assert sub.ready
+    assert sub.on_tick(2.9) == []  # the retry waits twice as long
+    third = sub.on_tick(3.2)[1]
+    assert sub.on_tick(6.9) == [] and sub.on_tick(7.3)[0] == Resync("snapshot-timeout")  # x4
+    assert sub.on_snapshot(*wire.snapshot("cfg/", second), 7.4) == []
+    assert third.req_id != second.req_id
+    assert not sub.ready
 
 
 def test_a_snapshot_that_failed_verification_is_not_applied() -> None:
