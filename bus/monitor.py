@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -38,6 +37,9 @@ _EXPLAIN = {
 }
 
 
+REPORT_AFTER = 3  # consecutive handshake failures before we blame the keys
+
+
 def open_monitor(sock: zmq.Socket, events: int) -> zmq.Socket:
     """A monitor on a unique inproc address (pyzmq's default names it by fd, and fds are
     reused while a closed socket's monitor may still be bound)."""
@@ -55,8 +57,7 @@ def close_monitor(sock: zmq.Socket, msock: zmq.Socket) -> None:
 class Monitor:
     """Watches one socket's connection events from inside its Loop."""
 
-    def __init__(self, loop: Loop, sock: zmq.Socket, role: str, side: str, log: Log,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(self, loop: Loop, sock: zmq.Socket, role: str, side: str, log: Log) -> None:
         self.role = role
         self.side = side
         self.peers = 0
@@ -65,7 +66,6 @@ class Monitor:
         self._pending_failures = 0
         self._log = log
         self._burst = BurstLog(log)
-        self._on_failure = on_failure
         self._gauge = CONNECTED_PEERS.labels(role)
         self._loop = loop
         self._sock = sock
@@ -103,10 +103,12 @@ class Monitor:
             reason = _FAILURES[event]
             self._pending_failures += 1
             self.failures += 1
-            self.last_error = _EXPLAIN[self.side, reason]
             AUTH_FAILURES.labels(self.side, reason).inc()
+            # One failure can be an overloaded server hanging up mid-handshake; a run of them
+            # with no success in between is a key problem, and is reported as one.
+            if self.failures < REPORT_AFTER and reason != "handshake_refused":
+                return
+            self.last_error = _EXPLAIN[self.side, reason]
             self._burst.event(reason, self.last_error, role=self.role,
                               endpoint=endpoint.decode(errors="replace"),
                               consecutive=self.failures)
-            if self._on_failure is not None:
-                self._on_failure(reason)

@@ -19,7 +19,7 @@ from bus.clone import Changed, CloneStore, CloneSubscriber, RequestSnapshot, Res
 from bus.envelope import DecodeError, Envelope
 from bus.keys import Keyring
 from bus.logs import BurstLog, Log
-from bus.loop import Loop
+from bus.loop import Loop, drain
 from bus.metrics import GAPS, RECEIVED, REJECTED, RESNAPSHOTS, SENT
 from bus.monitor import Monitor
 from bus.security import secure_client, secure_server
@@ -152,12 +152,9 @@ class Publisher:
             pass
 
     def _on_subscription(self) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                msg = self._pub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if not msg or msg[0] not in (0, 1):
+        for frames in drain(self._pub, _DRAIN_BATCH):
+            msg = frames[0]
+            if len(frames) != 1 or not msg or msg[0] not in (0, 1):
                 self._reject("bad_subscription", f"{len(msg)} bytes")
                 continue
             try:
@@ -202,11 +199,7 @@ class Publisher:
                     self._heartbeat(prefix)
 
     def _on_snapshot_request(self) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self._router, _DRAIN_BATCH):
             if len(frames) != 4:
                 self._reject("frame_count", f"snapshot request with {len(frames)} frames")
                 continue
@@ -307,11 +300,7 @@ class Subscriber:
 
     # -- internals (loop thread) --
     def _on_sub(self) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self._sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self._sub, _DRAIN_BATCH):
             try:
                 env = E.decode(frames, self._max_body)
             except DecodeError as exc:
@@ -329,11 +318,7 @@ class Subscriber:
             self._act(self.machine.on_message(env, time.monotonic()))
 
     def _on_dealer(self) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self._dealer, _DRAIN_BATCH):
             try:
                 head, entries, errors = E.decode_snapshot(frames, self._max_body)
             except DecodeError as exc:

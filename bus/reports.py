@@ -17,7 +17,7 @@ from bus.context import context
 from bus.envelope import DecodeError
 from bus.keys import Keyring
 from bus.logs import Log
-from bus.loop import Loop
+from bus.loop import Loop, drain
 from bus.metrics import RECEIVED, REPORTS_DROPPED, SENT
 from bus.pubsub import Rejects, bind
 from bus.security import secure_client, secure_server
@@ -74,11 +74,7 @@ class ReportCollector:
         self._sock.close(0)
 
     def _on_report(self) -> None:
-        for _ in range(512):
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self._sock):
             try:
                 env = E.decode(frames, self._max_body)
                 if env.kind != E.REPORT:

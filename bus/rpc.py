@@ -24,7 +24,7 @@ from bus.context import context
 from bus.envelope import DecodeError
 from bus.keys import Keyring
 from bus.logs import Log
-from bus.loop import Loop
+from bus.loop import Loop, drain
 from bus.metrics import AUTH_FAILURES, RECEIVED, RPC_FAILURES, RPC_RETRIES, SENT
 from bus.monitor import Monitor, close_monitor, open_monitor
 from bus.pubsub import Rejects, bind
@@ -74,11 +74,7 @@ class RpcServer:
         self._sock.close(0)
 
     def _on_request(self) -> None:
-        for _ in range(512):
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in drain(self._sock, copy=False):
             if len(frames) != 4:
                 self._reject("frame_count", f"request with {len(frames)} frames")
                 continue
