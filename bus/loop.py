@@ -34,15 +34,6 @@ _DRAIN_PASSES = 8     # re-checks of a busy socket per iteration before yielding
 _SWEEP_INTERVAL = 1.0  # belt and braces: re-check every socket's ZMQ_EVENTS this often
 
 
-def drain(sock: zmq.Socket, limit: int = 512, copy: bool = True) -> Iterator[list]:
-    """The messages waiting on `sock`, at most `limit`. Asks ZMQ_EVENTS instead of waiting for
-    zmq.Again: an exception per drained socket costs more than the message itself."""
-    for _ in range(limit):
-        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            return
-        yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
-
-
 class Timer:
     __slots__ = ("callback", "cancelled", "interval", "when")
 
@@ -72,6 +63,22 @@ class LoopSocket(zmq.Socket):
     def _touched(self) -> None:
         if self._loop is not None:
             self._loop._touched.add(self)
+
+
+_EVENTS = int(zmq.EVENTS)  # plain ints: pyzmq's enum arithmetic costs microseconds a message
+_POLLIN = int(zmq.POLLIN)
+
+
+def drain(sock: zmq.Socket, limit: int = 512, copy: bool = True) -> Iterator[list]:
+    """The messages waiting on `sock`, at most `limit`. Asks ZMQ_EVENTS instead of waiting for
+    zmq.Again: an exception per drained socket costs more than the message itself. A socket
+    left with input (the limit was reached) is handed back to its loop for another turn."""
+    for _ in range(limit):
+        if not sock.get(_EVENTS) & _POLLIN:
+            return
+        yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+    if isinstance(sock, LoopSocket):
+        sock._touched()
 
 
 class Loop:
@@ -269,23 +276,17 @@ class Loop:
             self._touched.update(self._zmq)
 
     def _service_sockets(self) -> None:
-        """Run the handler of every touched socket that has input, until none has or we must
-        yield (sockets still busy stay touched, so the next iteration does not sleep)."""
+        """Run the handler of every touched socket; handlers drain by ZMQ_EVENTS, so a socket
+        with nothing waiting costs one check. Sockets touched again by the handlers (a send, a
+        drain that hit its limit) get further passes; past those they wait for the next turn."""
         for _ in range(_DRAIN_PASSES):
             if not self._touched:
                 return
             touched, self._touched = self._touched, set()
             for sock in touched:
                 entry = self._zmq.get(sock)
-                if entry is None or sock.closed:
-                    continue
-                try:
-                    ready = sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
-                except zmq.ZMQError:
-                    continue
-                if ready:
+                if entry is not None and not sock.closed:
                     self._guard(entry[1])
-                    self._touched.add(sock)  # it may hold more than one drain batch
 
     def _guard(self, fn: Callable[[], Any]) -> None:
         """A bug in one handler is logged; it never kills the loop."""
