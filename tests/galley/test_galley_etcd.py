@@ -38,10 +38,9 @@ def test_etcd_source_through_restart_and_compaction(etcd, keydir, loops) -> None
         assert wait_for(lambda: sub.get(key.format("b")) is not None, timeout=5)
 
         # an invalid value is refused; the last valid one stays
-        if False:
-            client.put(PREFIX + "b", SE.format(name="b").replace("DNS", "SOMETIMES"))
-            assert wait_for(lambda: galley.store.rejected_units() == [PREFIX + "b"], timeout=5)
-            assert sub.get(key.format("b"))["spec"]["resolution"] == "DNS"
+        client.put(PREFIX + "b", SE.format(name="b").replace("DNS", "SOMETIMES"))
+        assert wait_for(lambda: galley.store.rejected_units() == [PREFIX + "b"], timeout=5)
+        assert sub.get(key.format("b"))["spec"]["resolution"] == "DNS"
 
         # etcd restarts: the watch reconnects and resumes from its revision
         etcd.stop()
