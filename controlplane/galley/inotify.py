@@ -11,7 +11,6 @@ import os
 import struct
 from dataclasses import dataclass
 
-IN_MODIFY = 0x002
 IN_CLOSE_WRITE = 0x008
 IN_MOVED_FROM = 0x040
 IN_MOVED_TO = 0x080
@@ -23,8 +22,10 @@ IN_Q_OVERFLOW = 0x4000
 IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
+# Not IN_MODIFY: a file is read when its writer closes it (or renames it into place), never
+# half-written. (An in-place save truncates first; reading then would see an empty file.)
 WATCH_MASK = (IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF
-              | IN_MOVE_SELF | IN_MODIFY)
+              | IN_MOVE_SELF)
 _EVENT = struct.Struct("iIII")
 
 

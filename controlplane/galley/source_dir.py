@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from controlplane.config.validate import YAML_SUFFIXES
 from controlplane.galley.inotify import IN_CREATE, IN_ISDIR, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
 from controlplane.galley.metrics import SOURCE_ERRORS
 
+_SETTLE_NS = 100_000_000  # polling reads a file only once it has not changed for 100 ms
 OnUnit = Callable[[str, str | None], None]  # (unit, text or None when gone)
 
 
@@ -52,7 +54,7 @@ class DirectorySource:
 
     def start(self) -> None:
         """Read everything once (in the loop thread)."""
-        self.scan()
+        self.scan(settle=False)
 
     def close(self) -> None:
         if self._inotify is not None:
@@ -106,8 +108,9 @@ class DirectorySource:
         self._seen[unit] = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.on_unit(unit, text)
 
-    def scan(self) -> None:
-        """Compare the tree with what we last read; reload what differs."""
+    def scan(self, settle: bool = True) -> None:
+        """Compare the tree with what we last read; reload what differs (with `settle`, only
+        files that have not changed for a moment: one modified right now may be mid-write)."""
         current: dict[str, tuple[int, int, int]] = {}
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -121,8 +124,9 @@ class DirectorySource:
         for unit in sorted(set(self._seen) - set(current)):
             del self._seen[unit]
             self.on_unit(unit, None)
+        settled = time.time_ns() - (_SETTLE_NS if settle else 0)
         for unit, sig in sorted(current.items()):
-            if self._seen.get(unit) != sig:
+            if self._seen.get(unit) != sig and sig[2] <= settled:
                 self._reload(self.root / unit)
 
 
