@@ -503,14 +503,22 @@ def _check_maglev(maglev: dict, path: Path, report: Report) -> None:
         report.error(where, "tableSize must be a prime number for maglev")
 
 
-def _check_cookie_attributes(attributes: list, path: Path, report: Report) -> None:
-    seen: set[str] = set()
-    for i, attribute in _dicts(attributes):
-        name = attribute.get("name")
-        if isinstance(name, str) and name in seen:
-            report.error((*path, i, "name"), f"duplicate cookie attribute name: {name}")
-        elif isinstance(name, str):
-            seen.add(name)
+def _unique_names(what: str) -> Check:
+    """A check that the `name` of every item in a list is unique."""
+
+    def check(items: list, path: Path, report: Report) -> None:
+        seen: set[str] = set()
+        for i, item in _dicts(items):
+            name = item.get("name")
+            if isinstance(name, str) and name in seen:
+                report.error((*path, i, "name"), f"{what}: {name}")
+            elif isinstance(name, str):
+                seen.add(name)
+
+    return check
+
+
+_check_cookie_attributes = _unique_names("duplicate cookie attribute name")
 
 
 def _check_consistent_hash(hash_lb: dict, path: Path, report: Report) -> None:
@@ -730,14 +738,7 @@ def _export_to(service_entry: bool = False) -> List:
                 checks=(partial(_check_export_to, service_entry=service_entry),))
 
 
-def _check_subsets(subsets: list, path: Path, report: Report) -> None:
-    seen: set[str] = set()
-    for i, subset in _dicts(subsets):
-        name = subset.get("name")
-        if isinstance(name, str) and name in seen:
-            report.error((*path, i, "name"), f"duplicate subset names: {name}")
-        elif isinstance(name, str):
-            seen.add(name)
+_check_subsets = _unique_names("duplicate subset names")
 
 
 def _check_destination_rule(rule: dict, path: Path, report: Report) -> None:
