@@ -7,6 +7,7 @@ import click
 from bus.cli import bus_group
 from controlplane.config.analyze_cli import analyze_command
 from controlplane.galley.cli import apply_command, galley_command, get_command
+from controlplane.pilot.cli import pilot_command, proxy_config_command, proxy_status_command
 
 
 @click.group()
@@ -20,6 +21,9 @@ cli.add_command(analyze_command)
 cli.add_command(galley_command)
 cli.add_command(apply_command)
 cli.add_command(get_command)
+cli.add_command(pilot_command)
+cli.add_command(proxy_status_command)
+cli.add_command(proxy_config_command)
 
 
 def main() -> None:

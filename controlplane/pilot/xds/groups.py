@@ -1,0 +1,29 @@
+"""Config groups: proxies that must get identical config share one published key.
+
+A sidecar's config is a function of its namespace, labels and service account (the
+translation reads nothing else about it), so those inputs name its group. A fleet of
+identical replicas is one group: one translation, one encode, one signature, and
+every replica subscribes to `cfg/g/<group>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from controlplane.pilot.model import Proxy
+
+PREFIX = "cfg/g/"
+
+
+def group_id(namespace: str, labels: dict[str, str], service_account: str) -> str:
+    blob = json.dumps([namespace, sorted(labels.items()), service_account], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def group_of(proxy: Proxy) -> str:
+    return group_id(proxy.namespace, proxy.labels, proxy.service_account)
+
+
+def topic(group: str) -> str:
+    return PREFIX + group

@@ -1,0 +1,142 @@
+"""Pilot end to end on real sockets: galley keys in, simulated proxies ACKing and NACKing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from bus.keys import Keyring
+from bus.loop import Loop
+from bus.rpc import RpcClient
+from bus.signing import Verifier
+from controlplane.config.validate import load_paths, load_text
+from controlplane.pilot.xds.debounce import Debouncer
+from controlplane.pilot.xds.server import Pilot, serve_rpc, subscribe_galley
+from controlplane.pilot.xds.status import NACKED, NOT_SENT, SYNCED
+from tests.bus.helpers import publisher
+from tests.conftest import wait_for
+from tests.pilot.simproxy import SimProxy
+
+REVIEWS_80_20 = "virtual-service-reviews-80-20.yaml"
+
+
+class Mesh:
+    """A fake galley (a real publisher of galley/ keys), a pilot, and helpers to add proxies."""
+
+    def __init__(self, keydir: Path, loops, debounce: float = 0.02, lease: float = 15.0,
+                 endpoints: dict | None = None) -> None:
+        self.keydir = keydir
+        self.galley = publisher(loops("galley"), keydir, name="galley")
+        self.loop: Loop = loops("pilot")
+        ring = Keyring(keydir, "pilot")
+        endpoints = endpoints or {"pub_endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*"}
+        self.pub = publisher(self.loop, keydir, name="pilot", **endpoints)
+        self.pilot: Pilot = self.loop.call_sync(lambda: Pilot(self.loop, self.pub, Debouncer(debounce, 1.0),
+                                                             lease=lease))
+        self.loop.call_sync(lambda: subscribe_galley(
+            self.loop, self.pilot, pub_endpoint=self.galley.pub_endpoint,
+            snapshot_endpoint=self.galley.snapshot_endpoint, keyring=ring, server="galley",
+            verifier=Verifier(ring.trusted_signers), silence_timeout=2.0))
+        self.rpc = self.loop.call_sync(lambda: serve_rpc(self.loop, self.pilot, "tcp://127.0.0.1:*", ring))
+        self.proxies: list[SimProxy] = []
+        self.proxy_loop = loops("proxies")
+
+    def apply(self, resources) -> None:
+        for r in resources:
+            self.galley.set(f"galley/{r.kind}/{r.namespace}/{r.name}", r.normalized())
+
+    def proxy(self, proxy_id: str, labels: dict, ip: str, **kw) -> SimProxy:
+        p = SimProxy(self.proxy_loop, Keyring(self.keydir, "proxy-a"), proxy_id=proxy_id, namespace="default",
+                     ip=ip, labels=labels, pilot_rpc=self.rpc.endpoint, pilot_pub=self.pub.pub_endpoint,
+                     pilot_snapshot=self.pub.snapshot_endpoint, **kw)
+        self.proxies.append(p)
+        return p
+
+    def status(self) -> dict[str, dict]:
+        client = RpcClient(self.rpc.endpoint, Keyring(self.keydir, "nodeagent"), "pilot")
+        try:
+            return {r["proxy"]: r for r in client.call("status")}
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        for p in self.proxies:
+            p.close()
+
+
+@pytest.fixture
+def mesh(keydir, loops, istio_testdata):
+    m = Mesh(keydir, loops)
+    m.apply(load_paths([istio_testdata / "bookinfo" / "bookinfo.yaml",
+                        istio_testdata / "bookinfo" / "destination-rule-all.yaml"]).resources)
+    yield m
+    m.close()
+
+
+def routes_to(config: dict, fragment: str) -> bool:
+    return fragment in str(config.get("routes"))
+
+
+def test_identical_proxies_share_a_group_and_ack(mesh, istio_testdata) -> None:
+    a = mesh.proxy("productpage-1", {"app": "productpage", "version": "v1"}, "10.0.0.1")
+    b = mesh.proxy("productpage-2", {"app": "productpage", "version": "v1"}, "10.0.0.2")
+    c = mesh.proxy("reviews-1", {"app": "reviews", "version": "v1"}, "10.0.0.3")
+    assert a.group == b.group != c.group
+    assert wait_for(lambda: a.applied and b.applied and c.applied, timeout=10)
+    assert a.applied == b.applied
+    assert wait_for(lambda: all(r["state"] == SYNCED for r in mesh.status().values()), timeout=5)
+
+    # a VirtualService edit reaches every affected proxy, and each ACKs the new version
+    before = a.applied
+    mesh.apply(load_paths([istio_testdata / "bookinfo" / REVIEWS_80_20]).resources)
+    assert wait_for(lambda: a.applied != before and routes_to(a.applied_config, "|v2|reviews"), timeout=10)
+    assert wait_for(lambda: mesh.status()["productpage-1"]["acked"] == a.applied, timeout=5)
+
+
+def test_a_nack_is_reported_with_the_error_and_the_version_in_force(mesh) -> None:
+    p = mesh.proxy("reviews-1", {"app": "reviews", "version": "v1"}, "10.0.0.3",
+                   reject=lambda cfg: "unsupported fault" if "'fault':" in str(cfg.get("routes")) else None)
+    assert wait_for(lambda: p.applied, timeout=10)
+    good = p.applied
+    [fault] = load_text("""apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - fault: {abort: {httpStatus: 500, percentage: {value: 100}}}
+    route: [{destination: {host: ratings, subset: v1}}]
+""", "f.yaml").resources
+    mesh.apply([fault])
+    assert wait_for(lambda: p.rejected, timeout=10)
+    assert wait_for(lambda: mesh.status()["reviews-1"]["state"] == NACKED, timeout=5)
+    row = mesh.status()["reviews-1"]
+    assert row["error"] == "unsupported fault" and row["in_force"] == good and row["sent"] == p.rejected[-1]
+
+
+def test_debounce_folds_a_burst_into_one_push(mesh) -> None:
+    p = mesh.proxy("reviews-1", {"app": "reviews", "version": "v1"}, "10.0.0.3")
+    assert wait_for(lambda: p.applied, timeout=10)
+    pushes = mesh.pilot.pushes
+    mesh.pilot.debounce.quiet = 0.2
+    for _ in range(100):  # 100 changes in well under 50 ms
+        mesh.loop.call_soon_threadsafe(lambda: mesh.pilot.on_galley("galley/x/default/y", None))
+    assert wait_for(lambda: mesh.pilot.pushes > pushes, timeout=5)
+    time.sleep(0.5)
+    assert mesh.pilot.pushes == pushes + 1
+
+
+def test_not_sent_until_the_first_push_and_lease_expiry_removes_workloads(keydir, loops) -> None:
+    m = Mesh(keydir, loops, debounce=1.0, lease=1.5)
+    try:
+        p = m.proxy("orphan-1", {"app": "orphan"}, "10.0.0.9")
+        assert m.status()["orphan-1"]["state"] == NOT_SENT  # the push is still being debounced
+        assert wait_for(lambda: p.applied, timeout=10)
+        assert wait_for(lambda: m.status()["orphan-1"]["state"] == SYNCED, timeout=5)
+        # no heartbeats: the lease runs out and the workload is gone
+        assert wait_for(lambda: "orphan-1" not in m.status(), timeout=5)
+        assert m.loop.call_sync(lambda: m.pilot.registry.registrations.proxies()) == []
+    finally:
+        m.close()
