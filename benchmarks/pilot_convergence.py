@@ -97,7 +97,7 @@ def worker(index: int, count: int, apps: int, keydir: str, base: int, out: mp.Qu
     out.put(("ready", index, time.monotonic()))
     while not stop.wait(5):
         for p in proxies:
-            p.heartbeat(p.id)
+            p.heartbeat()
     for p in proxies:
         p.close()
     loop.stop()

@@ -36,7 +36,7 @@ class SimProxy:
         self._acks: list[tuple[str, dict[str, Any]]] = []
         self._ack_ready = threading.Event()
         self.workload = {"id": proxy_id, "namespace": namespace, "ip": ip, "labels": labels,
-                         "service_account": service_account}
+                         "service_account": service_account, "node": proxy_id}
         reply = self._rpc.call("register", self.workload)
         self.group = reply["group"]
         self._sender = threading.Thread(target=self._send_acks, daemon=True)
@@ -80,11 +80,11 @@ class SimProxy:
                 with contextlib.suppress(Exception):  # pilot away: the next change is ACKed anew
                     self._rpc.call(method, body)
 
-    def register_again(self) -> None:
-        self._rpc.call("register", self.workload)
-
-    def heartbeat(self, node: str) -> None:
-        self._rpc.call("heartbeat", {"node": node})
+    def heartbeat(self) -> None:
+        """Renew our lease; a pilot that no longer knows us (it restarted) gets us again."""
+        reply = self._rpc.call("heartbeat", {"node": self.id})
+        if not reply.get("renewed"):
+            self._rpc.call("register", {**self.workload, "version": self.applied})
 
     def close(self) -> None:
         self._stop.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -140,3 +141,59 @@ def test_not_sent_until_the_first_push_and_lease_expiry_removes_workloads(keydir
         assert m.loop.call_sync(lambda: m.pilot.registry.registrations.proxies()) == []
     finally:
         m.close()
+
+
+def test_a_pilot_restart_gives_reconnecting_proxies_the_same_version_without_a_storm(
+        keydir, loops, istio_testdata) -> None:
+    first = Mesh(keydir, loops)
+    config = load_paths([istio_testdata / "bookinfo" / "bookinfo.yaml",
+                         istio_testdata / "bookinfo" / "destination-rule-all.yaml"]).resources
+    first.apply(config)
+    proxies = [first.proxy(f"reviews-{i}", {"app": "reviews", "version": "v1"}, f"10.0.1.{i + 1}")
+               for i in range(5)]
+    assert wait_for(lambda: all(p.applied for p in proxies), timeout=10)
+    version = proxies[0].applied
+    applies = [p.applies for p in proxies]
+    ports = {"pub_endpoint": first.pub.pub_endpoint, "snapshot_endpoint": first.pub.snapshot_endpoint}
+    rpc_endpoint = first.rpc.endpoint
+    first.loop.stop()  # pilot dies with everything it knew
+
+    # a new pilot on the same ports, reading the same galley
+    loop = loops("pilot2")
+    ring = Keyring(keydir, "pilot")
+    pub = publisher(loop, keydir, name="pilot", **ports)
+    pilot = loop.call_sync(lambda: Pilot(loop, pub, Debouncer(0.05, 1.0)))
+    loop.call_sync(lambda: subscribe_galley(
+        loop, pilot, pub_endpoint=first.galley.pub_endpoint, snapshot_endpoint=first.galley.snapshot_endpoint,
+        keyring=ring, server="galley", verifier=Verifier(ring.trusted_signers)))
+    loop.call_sync(lambda: serve_rpc(loop, pilot, rpc_endpoint, ring))
+    for p in proxies:
+        p.heartbeat()  # "renewed: 0", so each registers again
+    # they said which version they run, pilot computes the same one: SYNCED with no re-apply
+    assert wait_for(lambda: all(pilot.status.state(p.id, time.monotonic()) == SYNCED for p in proxies),
+                    timeout=10)
+    time.sleep(1.0)
+    assert pilot.group_versions and set(pilot.group_versions.values()) == {version}
+    assert [p.applies for p in proxies] == applies  # same version: nothing re-applied
+    assert pilot.pushes <= 3  # one debounced push for the burst of re-registrations, not one each
+    first.close()
+
+
+def test_proxy_config_shows_what_the_proxy_applied(mesh) -> None:
+    from click.testing import CliRunner
+
+    from controlplane.meshctl import cli
+
+    p = mesh.proxy("reviews-1", {"app": "reviews", "version": "v1"}, "10.0.0.3")
+    assert wait_for(lambda: p.applied, timeout=10)
+    assert wait_for(lambda: mesh.status()["reviews-1"]["acked"] == p.applied, timeout=5)
+    args = ["--keys", str(mesh.keydir), "--as", "nodeagent", "--pilot", mesh.rpc.endpoint]
+    result = CliRunner().invoke(cli, ["proxy-config", *args, "reviews-1", "clusters"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["version"] == p.applied
+    assert "outbound|9080|v2|reviews.default.svc.cluster.local" in out["clusters"]
+    result = CliRunner().invoke(cli, ["proxy-status", *args])
+    assert result.exit_code == 0 and "reviews-1" in result.output and SYNCED in result.output
+    result = CliRunner().invoke(cli, ["proxy-config", *args, "nobody"])
+    assert result.exit_code == 1 and "unknown proxy" in result.output

@@ -90,6 +90,8 @@ class Pilot:
         node = str(body.get("node") or req.peer or workload["id"])
         self.registry.registrations.register(workload, node, now, self.lease)
         self.status.known(workload["id"], now)
+        if body.get("version"):  # what it already runs (after a pilot restart), as xDS version_info
+            self.status.ack(workload["id"], str(body["version"]), now)
         self._changed()
         proxy = self._proxy(workload["id"])
         group = groups.group_of(proxy) if proxy else ""
@@ -98,8 +100,8 @@ class Pilot:
 
     def _heartbeat(self, req: Request) -> dict[str, Any]:
         node = str((req.body or {}).get("node") or req.peer)
-        self.registry.registrations.heartbeat(node, time.monotonic())
-        return {"lease": self.lease}
+        renewed = self.registry.registrations.heartbeat(node, time.monotonic())
+        return {"lease": self.lease, "renewed": renewed}  # 0: register again (pilot restarted)
 
     def _deregister(self, req: Request) -> dict[str, Any]:
         proxy_id = str((req.body or {})["id"])
