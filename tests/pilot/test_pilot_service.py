@@ -162,7 +162,8 @@ def test_a_pilot_restart_gives_reconnecting_proxies_the_same_version_without_a_s
     loop = loops("pilot2")
     ring = Keyring(keydir, "pilot")
     pub = publisher(loop, keydir, name="pilot", **ports)
-    pilot = loop.call_sync(lambda: Pilot(loop, pub, Debouncer(0.05, 1.0)))
+    # the debounce is the storm protection: re-registrations within its quiet time fold into one push
+    pilot = loop.call_sync(lambda: Pilot(loop, pub, Debouncer(0.3, 2.0)))
     loop.call_sync(lambda: subscribe_galley(
         loop, pilot, pub_endpoint=first.galley.pub_endpoint, snapshot_endpoint=first.galley.snapshot_endpoint,
         keyring=ring, server="galley", verifier=Verifier(ring.trusted_signers)))

@@ -58,6 +58,7 @@ class Pilot:
         self.pushes = 0
         self._timer: Timer | None = None
         self._config_dirty = False
+        self.galley_synced = False  # no push before galley's whole snapshot is in (Istio's cache sync)
         loop.call_every(1.0, self._expire_leases)
 
     # -- inputs --
@@ -75,6 +76,12 @@ class Pilot:
                 return
         self._config_dirty = True
         self._changed()
+
+    def on_galley_synced(self, _subscriber: Any = None) -> None:
+        if not self.galley_synced:
+            self.galley_synced = True
+            self.log.info("galley snapshot complete", resources=len(self.resources))
+            self._changed()
 
     def rpc_handlers(self) -> dict[str, Any]:
         return {"register": self._register, "heartbeat": self._heartbeat, "deregister": self._deregister,
@@ -159,6 +166,8 @@ class Pilot:
     def push(self) -> None:
         """Translate each config group once; publish the groups whose version changed."""
         self._timer = None
+        if not self.galley_synced:
+            return  # a partial config would be pushed, then pushed again: wait for the sync
         merged = self.debounce.fire()
         started = time.perf_counter()
         if self._config_dirty:
@@ -199,8 +208,8 @@ class Pilot:
 
 
 def subscribe_galley(loop: Loop, pilot: Pilot, **subscriber_kw: Any) -> Subscriber:
-    return Subscriber(loop, prefix="galley/", on_change=pilot.on_galley, name="pilot-galley",
-                      **subscriber_kw)
+    return Subscriber(loop, prefix="galley/", on_change=pilot.on_galley, on_sync=pilot.on_galley_synced,
+                      name="pilot-galley", **subscriber_kw)
 
 
 def serve_rpc(loop: Loop, pilot: Pilot, endpoint: str, keyring: Any) -> RpcServer:
