@@ -109,8 +109,7 @@ def _outbound(push: PushContext, proxy: Proxy) -> dict[str, Any]:
 
 
 def _build(push: PushContext, proxy: Proxy, instances: list[ServiceInstance]) -> dict[str, Any]:
-    outbound = push.cached(("outbound", proxy.namespace, tuple(sorted(proxy.labels.items()))),
-                           lambda: _outbound(push, proxy))
+    outbound = push.cached(("outbound", *push.outbound_key(proxy)), lambda: _outbound(push, proxy))
     mode, port_modes = peer_authentication(push, proxy)
     inbound_clusters = build_inbound_clusters(push, instances)
     clusters = outbound["clusters"] | inbound_clusters

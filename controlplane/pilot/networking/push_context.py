@@ -149,6 +149,20 @@ class PushContext:
             r for r in by_kind["AuthorizationPolicy"]
             if not r.spec.get("targetRef") and not r.spec.get("targetRefs"))  # gateway/waypoint only
         self._memo: dict[Any, Any] = {}
+        # Does the outbound side read proxy labels anywhere? Only VS sourceLabels matches (mesh
+        # wide) and selecting Sidecars / DestinationRules (per namespace) do.
+        self._source_labels = any(
+            isinstance(m, dict) and m.get("sourceLabels")
+            for vs in by_kind["VirtualService"] for kind in ("http", "tcp", "tls")
+            for route in vs.spec.get(kind) or [] if isinstance(route, dict)
+            for m in route.get("match") or [])
+
+    def outbound_key(self, proxy: Proxy) -> tuple[Any, ...]:
+        """What a proxy's outbound config depends on: its namespace, and its labels only where
+        some resource selects by them, so a fleet of apps in one namespace shares one build."""
+        label_sensitive = (self._source_labels or bool(self.sidecars.get(proxy.namespace, ([], []))[0])
+                           or proxy.namespace in self._selected_drs)
+        return (proxy.namespace, tuple(sorted(proxy.labels.items())) if label_sensitive else ())
 
     # -- indexes -----------------------------------------------------------------------------
 
