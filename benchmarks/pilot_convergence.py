@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import multiprocessing as mp
 import os
 import shutil
@@ -148,8 +149,12 @@ def main() -> None:
         acks: dict[str, dict[str, float]] = {}
         ready = 0
         deadline = time.monotonic() + 300
-        while ready < len(workers) and time.monotonic() < deadline:
-            item = out.get(timeout=300)
+        while ready < len(workers):
+            try:
+                item = out.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"only {ready} of {len(workers)} workers registered their proxies "
+                                   "within 300 s") from None
             if item[0] == "ready":
                 ready += 1
             else:
@@ -226,4 +231,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as exc:
+        log(f"failed: {exc}")
+        print(json.dumps({"benchmark": "pilot_convergence", "error": str(exc)}))
+        sys.exit(1)
