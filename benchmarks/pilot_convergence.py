@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import statistics
