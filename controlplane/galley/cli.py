@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 from pathlib import Path
 
 import click
@@ -18,8 +16,7 @@ from prometheus_client import start_http_server
 
 from bus import endpoints, keys, logs
 from bus.loop import Loop
-from bus.pubsub import Publisher
-from bus.signing import Signer
+from bus.service import run_until_signalled, signed_publisher
 from controlplane.config.model import SUPPORTED, Resource
 from controlplane.config.validate import load_paths
 from controlplane.galley.etcd import EtcdClient, EtcdError
@@ -143,9 +140,7 @@ def galley_command(config_dir: str, etcd: str | None, etcd_prefix: str, key_dir:
     ring = keys.Keyring(key_dir, name)
     loop = Loop("galley")
     try:
-        pub = Publisher(loop, pub_endpoint=endpoints.tcp("galley", "pub", host, port_base),
-                        snapshot_endpoint=endpoints.tcp("galley", "snapshot", host, port_base),
-                        keyring=ring, signer=Signer(name, ring.signing_key()), name=name)
+        pub = signed_publisher(loop, "galley", ring, host, port_base)
     except keys.KeyringError as exc:
         raise click.ClickException(str(exc)) from None
     galley = Galley(loop, pub, debounce=debounce)
@@ -156,11 +151,6 @@ def galley_command(config_dir: str, etcd: str | None, etcd_prefix: str, key_dir:
     else:
         directory = DirectorySource(loop, config_dir, galley.on_unit)
         loop.call_soon_threadsafe(directory.start)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    loop.start()
     galley.log.info("galley running", source=etcd or config_dir, pub=pub.pub_endpoint)
-    done.wait()
-    loop.stop()
+    run_until_signalled(loop)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import threading
 
 import click
 from prometheus_client import start_http_server
@@ -98,8 +96,8 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
                   debounce_after: float, debounce_max: float) -> None:
     """Run pilot: galley's config + registrations in, per-group proxy config out."""
     from bus.loop import Loop
-    from bus.pubsub import Publisher
-    from bus.signing import Signer, Verifier
+    from bus.service import run_until_signalled, signed_publisher
+    from bus.signing import Verifier
     from controlplane.pilot.xds.debounce import Debouncer
     from controlplane.pilot.xds.server import Pilot, serve_rpc, subscribe_galley
 
@@ -107,9 +105,7 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
     ring = keys.Keyring(key_dir, name)
     loop = Loop("pilot")
     try:
-        pub = Publisher(loop, pub_endpoint=endpoints.tcp("pilot", "pub", host, port_base),
-                        snapshot_endpoint=endpoints.tcp("pilot", "snapshot", host, port_base),
-                        keyring=ring, signer=Signer(name, ring.signing_key()), name=name)
+        pub = signed_publisher(loop, "pilot", ring, host, port_base)
     except keys.KeyringError as exc:
         raise click.ClickException(str(exc)) from None
     pilot = Pilot(loop, pub, Debouncer(debounce_after, debounce_max))
@@ -118,10 +114,5 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
                      keyring=ring, server=galley_name, verifier=Verifier(ring.trusted_signers))
     serve_rpc(loop, pilot, endpoints.tcp("pilot", "rpc", host, port_base), ring)
     start_http_server(endpoints.port("pilot", "metrics", port_base), addr=host)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    loop.start()
     pilot.log.info("pilot running", pub=pub.pub_endpoint)
-    done.wait()
-    loop.stop()
+    run_until_signalled(loop)
