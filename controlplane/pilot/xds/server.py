@@ -11,6 +11,7 @@ publishes only the groups whose version (a content hash) changed.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -58,6 +59,8 @@ class Pilot:
         self.pushes = 0
         self._timer: Timer | None = None
         self._config_dirty = False
+        self._pushing = False
+        self._push_again = False
         self.galley_synced = False  # no push before galley's whole snapshot is in (Istio's cache sync)
         loop.call_every(1.0, self._expire_leases)
 
@@ -164,33 +167,56 @@ class Pilot:
         return next((p for p in self.registry.registrations.proxies() if p.id == proxy_id), None)
 
     def push(self) -> None:
-        """Translate each config group once; publish the groups whose version changed."""
+        """Start a push: translate each config group once (in a worker thread, so registrations
+        and ACKs are still answered during a long one) and publish the groups whose version changed."""
         self._timer = None
         if not self.galley_synced:
             return  # a partial config would be pushed, then pushed again: wait for the sync
+        if self._pushing:
+            self._push_again = True  # the running push may have missed this change
+            return
         merged = self.debounce.fire()
-        started = time.perf_counter()
         if self._config_dirty:
             self.registry.update_config(list(self.resources.values()))
             self._config_dirty = False
-        proxies = self.registry.registrations.proxies()
-        push = PushContext(self.registry.services(), self.registry.all_endpoints(),
-                           list(self.resources.values()))
+        inputs = (self.registry.services(), self.registry.all_endpoints(), list(self.resources.values()),
+                  self.registry.registrations.proxies(), dict(self.group_versions))
+        self._pushing = True
+        threading.Thread(target=self._translate, args=(merged, *inputs), name="pilot-push",
+                         daemon=True).start()
+
+    def _translate(self, merged: int, services: list, endpoints: list, resources: list[Resource],
+                   proxies: list[Proxy], published_versions: dict[str, str]) -> None:
+        started = time.perf_counter()
         members: dict[str, list[Proxy]] = {}
         for proxy in proxies:
             members.setdefault(groups.group_of(proxy), []).append(proxy)
+        results: list[tuple[str, str, dict[str, Any] | None, list[Proxy]]] = []
+        try:
+            push = PushContext(services, endpoints, resources)
+            for group, group_proxies in sorted(members.items()):
+                config = build_proxy_config(push, group_proxies[0])
+                version = config["version"]
+                changed = published_versions.get(group) != version
+                if changed:  # encoded here, signed and sent by the loop
+                    self.publisher.set(groups.topic(group), config, config_version=version)
+                results.append((group, version, config if changed else None, group_proxies))
+        except Exception:
+            self.log.error("push failed", exc_info=True)
+        elapsed = time.perf_counter() - started
+        self.loop.call_soon_threadsafe(lambda: self._pushed(merged, results, members, elapsed))
+
+    def _pushed(self, merged: int, results: list, members: dict[str, list[Proxy]], elapsed: float) -> None:
+        """Back in the loop: record what was sent to whom."""
         now = time.monotonic()
         published = 0
-        for group, group_proxies in sorted(members.items()):
-            config = build_proxy_config(push, group_proxies[0])
-            version = config["version"]
-            if self.group_versions.get(group) != version:
+        for group, version, config, group_proxies in results:
+            if config is not None:
                 self.group_versions[group] = version
                 self.history[version] = config
                 self.history.move_to_end(version)
                 while len(self.history) > _HISTORY:
                     self.history.popitem(last=False)
-                self.publisher.set(groups.topic(group), config, config_version=version)
                 published += 1
             for proxy in group_proxies:
                 self.status.sent(proxy.id, version, now)
@@ -198,14 +224,16 @@ class Pilot:
             del self.group_versions[group]
             self.publisher.delete(groups.topic(group))
         self.pushes += 1
-        elapsed = time.perf_counter() - started
         PUSHES.inc()
         PUSH_SECONDS.observe(elapsed)
-        PROXIES.set(len(proxies))
+        PROXIES.set(sum(len(m) for m in members.values()))
         GROUP_PUBLISHES.inc(published)
-        self.log.info("push", changes=merged, proxies=len(proxies), groups=len(members),
-                      published=published, ms=round(elapsed * 1000, 1))
-
+        self.log.info("push", changes=merged, proxies=sum(len(m) for m in members.values()),
+                      groups=len(members), published=published, ms=round(elapsed * 1000, 1))
+        self._pushing = False
+        if self._push_again:
+            self._push_again = False
+            self._changed()
 
 def subscribe_galley(loop: Loop, pilot: Pilot, **subscriber_kw: Any) -> Subscriber:
     return Subscriber(loop, prefix="galley/", on_change=pilot.on_galley, on_sync=pilot.on_galley_synced,
