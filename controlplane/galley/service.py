@@ -12,9 +12,10 @@ import time
 from typing import Any
 
 from bus.logs import Log
-from bus.loop import Loop, Timer
+from bus.loop import Loop
 from bus.pubsub import Publisher
 from controlplane.config.model import Key
+from controlplane.debounce import DebouncedCall, Debouncer
 from controlplane.galley.metrics import (
     PUBLISH_DELAY,
     PUBLISHED_CHANGES,
@@ -38,13 +39,11 @@ class Galley:
         self.loop = loop
         self.publisher = publisher
         self.store = ConfigStore()
-        self.debounce = debounce
-        self.max_delay = max_delay
+        self.debounce = Debouncer(debounce, max_delay)
+        self._publish_call = DebouncedCall(loop, self.debounce, self.publish)
         self.log = Log("galley")
         self._dirty: set[Key] = set()
         self._status_dirty = False
-        self._burst_started: float | None = None
-        self._timer: Timer | None = None
         self.published_version = ""
         self.publishes = 0
 
@@ -63,22 +62,12 @@ class Galley:
         self._dirty.update(change.upserted)
         self._dirty.update(change.removed)
         self._status_dirty = True
-        self._schedule()
-
-    def _schedule(self) -> None:
-        now = time.monotonic()
-        if self._burst_started is None:
-            self._burst_started = now
-        if self._timer is not None:
-            self._timer.cancel()
-        delay = min(self.debounce, max(0.0, self._burst_started + self.max_delay - now))
-        self._timer = self.loop.call_later(delay, self.publish)
+        self._publish_call.change()
 
     def publish(self) -> None:
-        self._timer = None
-        if self._burst_started is not None:
-            PUBLISH_DELAY.observe(time.monotonic() - self._burst_started)
-        self._burst_started = None
+        if self.debounce.started is not None:
+            PUBLISH_DELAY.observe(time.monotonic() - self.debounce.started)
+        self.debounce.fire()
         version = self.store.version()
         dirty, self._dirty = self._dirty, set()
         for key in sorted(dirty):

@@ -98,7 +98,7 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
     from bus.loop import Loop
     from bus.service import run_until_signalled, signed_publisher
     from bus.signing import Verifier
-    from controlplane.pilot.xds.debounce import Debouncer
+    from controlplane.debounce import Debouncer
     from controlplane.pilot.xds.server import Pilot, serve_rpc, subscribe_galley
 
     logs.configure()

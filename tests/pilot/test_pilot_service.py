@@ -13,7 +13,7 @@ from bus.loop import Loop
 from bus.rpc import RpcClient
 from bus.signing import Verifier
 from controlplane.config.validate import load_paths, load_text
-from controlplane.pilot.xds.debounce import Debouncer
+from controlplane.debounce import Debouncer
 from controlplane.pilot.xds.server import Pilot, serve_rpc, subscribe_galley
 from controlplane.pilot.xds.status import NACKED, NOT_SENT, SYNCED
 from tests.bus.helpers import publisher

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controlplane.pilot.xds.debounce import Debouncer
+from controlplane.debounce import Debouncer
 from controlplane.pilot.xds.status import NACKED, NOT_SENT, SENT, STALE, SYNCED, StatusTracker
 
 

@@ -17,16 +17,16 @@ from collections import OrderedDict
 from typing import Any
 
 from bus.logs import Log
-from bus.loop import Loop, Timer
+from bus.loop import Loop
 from bus.pubsub import Publisher, Subscriber
 from bus.rpc import Request, RpcServer
 from controlplane.config.model import Resource
+from controlplane.debounce import DebouncedCall, Debouncer
 from controlplane.pilot.model import Proxy
 from controlplane.pilot.networking import build_proxy_config
 from controlplane.pilot.networking.push_context import PushContext
 from controlplane.pilot.serviceregistry import ServiceRegistry
 from controlplane.pilot.xds import groups
-from controlplane.pilot.xds.debounce import Debouncer
 from controlplane.pilot.xds.metrics import GROUP_PUBLISHES, PROXIES, PUSH_SECONDS, PUSHES
 from controlplane.pilot.xds.status import StatusTracker
 
@@ -57,7 +57,7 @@ class Pilot:
         self.group_versions: dict[str, str] = {}      # group -> version published
         self.history: OrderedDict[str, dict[str, Any]] = OrderedDict()  # version -> config
         self.pushes = 0
-        self._timer: Timer | None = None
+        self._push_call = DebouncedCall(loop, self.debounce, self.push)
         self._config_dirty = False
         self._pushing = False
         self._push_again = False
@@ -157,11 +157,7 @@ class Pilot:
             self._changed()
 
     def _changed(self) -> None:
-        now = time.monotonic()
-        self.debounce.change(now)
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(max(0.0, self.debounce.deadline() - now), self.push)
+        self._push_call.change()
 
     def _proxy(self, proxy_id: str) -> Proxy | None:
         return next((p for p in self.registry.registrations.proxies() if p.id == proxy_id), None)
@@ -169,7 +165,6 @@ class Pilot:
     def push(self) -> None:
         """Start a push: translate each config group once (in a worker thread, so registrations
         and ACKs are still answered during a long one) and publish the groups whose version changed."""
-        self._timer = None
         if not self.galley_synced:
             return  # a partial config would be pushed, then pushed again: wait for the sync
         if self._pushing:
