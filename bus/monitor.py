@@ -37,6 +37,12 @@ _EXPLAIN = {
 }
 
 
+def explain(side: str, event: int) -> tuple[str, str]:
+    """(metric reason, message a person can act on) for a handshake-failure event."""
+    reason = _FAILURES[event]
+    return reason, _EXPLAIN[side, reason]
+
+
 REPORT_AFTER = 3  # consecutive handshake failures before we blame the keys
 
 
@@ -100,7 +106,7 @@ class Monitor:
                 self._gauge.dec()
             self._pending_failures = max(0, self._pending_failures - 1)
         elif event in _FAILURES:
-            reason = _FAILURES[event]
+            reason, explanation = explain(self.side, event)
             self._pending_failures += 1
             self.failures += 1
             AUTH_FAILURES.labels(self.side, reason).inc()
@@ -108,7 +114,7 @@ class Monitor:
             # with no success in between is a key problem, and is reported as one.
             if self.failures < REPORT_AFTER and reason != "handshake_refused":
                 return
-            self.last_error = _EXPLAIN[self.side, reason]
+            self.last_error = explanation
             self._burst.event(reason, self.last_error, role=self.role,
                               endpoint=endpoint.decode(errors="replace"),
                               consecutive=self.failures)

@@ -26,7 +26,7 @@ from bus.keys import Keyring
 from bus.logs import Log
 from bus.loop import Loop, drain
 from bus.metrics import AUTH_FAILURES, RECEIVED, RPC_FAILURES, RPC_RETRIES, SENT
-from bus.monitor import Monitor, close_monitor, open_monitor
+from bus.monitor import Monitor, close_monitor, explain, open_monitor
 from bus.pubsub import Rejects, bind
 from bus.security import secure_client, secure_server
 
@@ -178,11 +178,8 @@ class RpcClient:
         return None
 
     def _note_handshake_failure(self) -> None:
-        event = recv_monitor_message(self._events)["event"]
-        refused = event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-        AUTH_FAILURES.labels("client", "handshake_refused" if refused else "handshake_protocol").inc()
-        self.last_error = ("server refused our CURVE key" if refused
-                           else "CURVE handshake failed: wrong server public key?")
+        reason, self.last_error = explain("client", recv_monitor_message(self._events)["event"])
+        AUTH_FAILURES.labels("client", reason).inc()
 
     def close(self) -> None:
         close_monitor(self._sock, self._events)

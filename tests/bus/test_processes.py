@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,16 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.bus.helpers import subscriber
-from tests.conftest import metric, wait_for
+from tests.conftest import free_port, metric, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MESHCTL = Path(sys.executable).with_name("meshctl")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
