@@ -18,10 +18,10 @@ from bus import endpoints, keys, logs
 from bus.loop import Loop
 from bus.service import run_until_signalled, signed_publisher
 from controlplane.config.model import SUPPORTED, Resource
-from controlplane.config.validate import load_paths
+from controlplane.config.validate import load_paths, yaml_files
 from controlplane.galley.etcd import EtcdClient, EtcdError
 from controlplane.galley.service import Galley
-from controlplane.galley.source_dir import DirectorySource, write_atomically
+from controlplane.galley.source_dir import DirectorySource, is_config_file, write_atomically
 from controlplane.galley.source_etcd import EtcdSource
 from controlplane.galley.store import ConfigStore
 
@@ -64,8 +64,8 @@ def read_store(config_dir: str, etcd: str | None, prefix: str) -> ConfigStore:
             store.update(kv.key, kv.value)
     else:
         root = Path(config_dir)
-        for f in sorted(root.rglob("*")) if root.is_dir() else []:
-            if f.suffix in (".yaml", ".yml") and f.is_file() and not f.name.startswith("."):
+        for f in yaml_files([root]) if root.is_dir() else []:
+            if is_config_file(f):  # what galley's directory source reads, no more
                 store.update(str(f.relative_to(root)), f.read_text())
     return store
 
