@@ -2,12 +2,17 @@
 
 Runs `meshctl galley` and `meshctl pilot` as processes, S services (a Kubernetes Service
 and Deployment each) and P simulated proxies (real bus clients: register over CURVE RPC,
-follow their group's key, ACK what they apply) spread over worker processes; proxies are
-replicas of P/10 apps. Each edit changes the weights of one VirtualService; every proxy
-sees every service, so every proxy must ACK the new version.
+follow their group's config, ACK what they apply) spread over worker processes; proxies
+are replicas of P/10 apps. Each worker process is a node: as the node agent does, one
+relay there carries pilot's config to its proxies (`--direct`: every proxy subscribes to
+pilot itself). Each edit changes the weights of one VirtualService; every proxy sees
+every service, so every proxy must apply and ACK the new version. Pilot's debounce is
+set with `--debounce-ms` (Istio's default, 100 ms, would be most of the budget alone).
 
-Baseline in the same run: the raw bus fan-out of the same number of config-sized updates
-with no translation (one zmesh Publisher, the same subscribers' processes).
+Baseline in the same run: the raw bus fan-out with no galley, pilot or translation: one
+zmesh Publisher in this process sends an update of the size an edit sends each proxy,
+through the same relays, to as many subscribers in the same worker processes, timed the
+same way (from the write to the last subscriber holding it).
 
 Prints a table and one JSON line; `--quick` uses 100 proxies and 100 services.
 """
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from bus import endpoints, keys  # noqa: E402
+from bus.loop import Loop  # noqa: E402
 from bus.rpc import RpcClient  # noqa: E402
+from bus.service import signed_publisher  # noqa: E402
 from controlplane.galley.source_dir import write_atomically  # noqa: E402
 
 MESHCTL = str(Path(sys.executable).with_name("meshctl"))
@@ -68,13 +76,25 @@ DR = ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {nam
       "  - {name: v2, labels: {version: v2}}\n")
 
 
-def worker(index: int, count: int, apps: int, keydir: str, base: int, out: mp.Queue,
-           stop: mp.Event) -> None:
-    """Runs `count` simulated proxies; reports (proxy, version, monotonic time) for every ACK."""
+BASE_PREFIX = "base/"
+BASE_PAD = 700  # bytes: about one virtual host and two manifests, what an edit sends a proxy
+
+
+def _endpoints(base: int, component: str) -> tuple[str, str]:
+    return (f"tcp://127.0.0.1:{base + endpoints.OFFSETS[(component, 'pub')]}",
+            f"tcp://127.0.0.1:{base + endpoints.OFFSETS[(component, 'snapshot')]}")
+
+
+def worker(index: int, count: int, apps: int, keydir: str, base: int, baseline_base: int, direct: bool,
+           out: mp.Queue, stop: mp.Event) -> None:
+    """One node: `count` simulated proxies and as many raw baseline subscribers; reports
+    (id, version, monotonic time) for every config applied or baseline update held."""
     import resource
 
     from bus.keys import Keyring
     from bus.loop import Loop
+    from bus.pubsub import Subscriber
+    from bus.relay import Relay
     from bus.signing import Verifier
     from tests.pilot.simproxy import SimProxy
 
@@ -83,17 +103,37 @@ def worker(index: int, count: int, apps: int, keydir: str, base: int, out: mp.Qu
     loop = Loop(f"w{index}").start()
     ring = Keyring(keydir, "bench")
     verifier = Verifier(ring.trusted_signers)
-    proxies = []
+    run = tempfile.mkdtemp(prefix=f"zmesh-bench-node{index}-")
 
+    def relay(component: str, prefix: str, server: str) -> tuple[str, str]:
+        pub, snap = _endpoints(base if component == "pilot" else baseline_base, component)
+        r = loop.call_sync(lambda: Relay(
+            loop, upstream_pub=pub, upstream_snapshot=snap, server=server, prefix=prefix, keyring=ring,
+            verifier=verifier, local_pub=f"ipc://{run}/{component}.pub",
+            local_snapshot=f"ipc://{run}/{component}.snap", name=f"node{index}-{component}"))
+        return r.local_pub, r.local_snapshot
+
+    pilot_pub, pilot_snap = _endpoints(base, "pilot") if direct else relay("pilot", "cfg/", "pilot")
+    base_pub, base_snap = _endpoints(baseline_base, "galley") if direct else relay("galley", BASE_PREFIX,
+                                                                                    "bench")
+    local_ring = ring if direct else None  # ipc:// on the node needs no CURVE: the socket is 0600
+    proxies, subscribers = [], []
     for j in range(count):
         pid = f"w{index}-p{j}"
         app = (index * count + j) % apps
+
+        def held(key: str, value: object, sid: str = f"b{index}-{j}") -> None:
+            if isinstance(value, dict):
+                out.put((sid, value["version"], time.monotonic()))
+
+        subscribers.append(loop.call_sync(lambda held=held, j=j: Subscriber(
+            loop, pub_endpoint=base_pub, snapshot_endpoint=base_snap, prefix=BASE_PREFIX, keyring=local_ring,
+            server="bench", verifier=verifier, on_change=held, name=f"b{index}-{j}")))
         proxies.append(SimProxy(
             loop, ring, proxy_id=pid, namespace="default", ip=f"10.{index}.{j // 250}.{j % 250 + 1}",
             labels={"app": f"svc-{app}", "version": "v1"},
             pilot_rpc=f"tcp://127.0.0.1:{base + endpoints.OFFSETS[('pilot', 'rpc')]}",
-            pilot_pub=f"tcp://127.0.0.1:{base + endpoints.OFFSETS[('pilot', 'pub')]}",
-            pilot_snapshot=f"tcp://127.0.0.1:{base + endpoints.OFFSETS[('pilot', 'snapshot')]}",
+            pilot_pub=pilot_pub, pilot_snapshot=pilot_snap, via_relay=not direct, keep_config=False,
             verifier=verifier, on_apply=lambda version, pid=pid: out.put((pid, version, time.monotonic()))))
     out.put(("ready", index, time.monotonic()))
     while not stop.wait(5):
@@ -102,6 +142,27 @@ def worker(index: int, count: int, apps: int, keydir: str, base: int, out: mp.Qu
     for p in proxies:
         p.close()
     loop.stop()
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def converge(out: mp.Queue, acks: dict[str, dict[str, float]], edit: Callable[[], None], expect: int,
+             prefix: str, timeout: float = 20.0) -> float | None:
+    """Run `edit`, then wait until `expect` ids starting with `prefix` hold a version first seen
+    after it (each config group has its own); returns the milliseconds from the edit to the last."""
+    t0 = time.monotonic()
+    edit()
+    end = t0 + timeout
+    while time.monotonic() < end:
+        try:
+            ident, version, t = out.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        acks.setdefault(version, {})[ident] = t
+        held = {i: t for v, ids in acks.items() if ids and min(ids.values()) > t0  # versions new since t0
+                for i, t in ids.items() if i.startswith(prefix)}
+        if len(held) >= expect:
+            return (max(held.values()) - t0) * 1000
+    return None
 
 
 def main() -> None:
@@ -111,6 +172,9 @@ def main() -> None:
     parser.add_argument("--services", type=int)
     parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--debounce-ms", type=float, default=10.0, help="pilot's quiet time")
+    parser.add_argument("--direct", action="store_true", help="proxies subscribe to pilot, not a relay")
+    parser.add_argument("--logs", type=Path, help="keep galley's and pilot's logs in this directory")
     args = parser.parse_args()
     n_proxies = args.proxies or (100 if args.quick else 1000)
     n_services = args.services or (100 if args.quick else 1000)
@@ -123,77 +187,70 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     out: mp.Queue = ctx.Queue()
+    baseline_base = base + 1000
+    loop = Loop("bench").start()
     try:
         keydir = work / "keys"
         for name in ("galley", "pilot", "bench"):
             keys.generate(keydir, name)
+        ring = keys.Keyring(keydir, "bench")
+        baseline = loop.call_sync(lambda: signed_publisher(loop, "galley", ring, "127.0.0.1", baseline_base))
+        baseline.set(BASE_PREFIX + "x", {"version": "start", "pad": ""})
         config = work / "config"
         config.mkdir()
         write_atomically(config / "services.yaml", services_yaml(n_services))
         write_atomically(config / "dr.yaml", DR)
         write_atomically(config / "vs.yaml", vs_yaml(90))
         env = {**os.environ, "ZMESH_PORT_BASE": str(base)}
-        procs.append(subprocess.Popen([MESHCTL, "galley", "--keys", str(keydir), "--config-dir",
-                                       str(config)], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        procs.append(subprocess.Popen([MESHCTL, "pilot", "--keys", str(keydir)], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        logdir = args.logs or work
+        logdir.mkdir(parents=True, exist_ok=True)
+        for name, extra in (("galley", ["--config-dir", str(config)]),
+                            ("pilot", ["--debounce-after", str(args.debounce_ms / 1000)])):
+            with open(logdir / f"{name}.log", "wb") as logfile:
+                procs.append(subprocess.Popen([MESHCTL, name, "--keys", str(keydir), *extra], env=env,
+                                              stdout=subprocess.DEVNULL, stderr=logfile))
         pilot_ps = psutil.Process(procs[1].pid)
         time.sleep(1.0)
         per = [n_proxies // args.workers + (1 if i < n_proxies % args.workers else 0)
                for i in range(args.workers)]
         for i, count in enumerate(per):
-            w = ctx.Process(target=worker, args=(i, count, apps, str(keydir), base, out, stop), daemon=True)
+            w = ctx.Process(target=worker, daemon=True, args=(i, count, apps, str(keydir), base,
+                                                              baseline_base, args.direct, out, stop))
             w.start()
             workers.append(w)
         acks: dict[str, dict[str, float]] = {}
         ready = 0
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while ready < len(workers):
             try:
                 item = out.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise RuntimeError(f"only {ready} of {len(workers)} workers registered their proxies "
-                                   "within 300 s") from None
+                raise RuntimeError(f"only {ready} of {len(workers)} workers started their proxies "
+                                   "within 600 s") from None
             if item[0] == "ready":
                 ready += 1
+                log(f"worker {item[1]} ready ({ready}/{len(workers)})")
             else:
                 acks.setdefault(item[1], {})[item[0]] = item[2]
         log(f"{n_proxies} proxies registered over {len(workers)} workers")
-        client = RpcClient(f"tcp://127.0.0.1:{base + endpoints.OFFSETS[('pilot', 'rpc')]}",
-                           keys.Keyring(keydir, "bench"), "pilot", timeout=5)
-
-        def drain(until: float) -> None:
-            while time.monotonic() < until:
-                try:
-                    proxy, version, t = out.get(timeout=max(0.01, until - time.monotonic()))
-                except Exception:
-                    return
-                acks.setdefault(version, {})[proxy] = t
-
-        drain(time.monotonic() + 3)
-        latencies = []
-        cpu_per_push = []
+        client = RpcClient(f"tcp://127.0.0.1:{base + endpoints.OFFSETS[('pilot', 'rpc')]}", ring, "pilot",
+                           timeout=5)
+        end = time.monotonic() + 120  # every proxy on pilot's current version before the first edit
+        while time.monotonic() < end:
+            status = client.call("status")
+            if sum(r["state"] == "SYNCED" for r in status) >= n_proxies:
+                break
+            time.sleep(0.5)
+        log(f"{sum(r['state'] == 'SYNCED' for r in status)} proxies SYNCED; editing")
+        latencies, cpu_per_push = [], []
         for e in range(edits):
             cpu0 = pilot_ps.cpu_times()
-            t0 = time.monotonic()
-            write_atomically(config / "vs.yaml", vs_yaml(10 + e % 80))
-            complete = None
-            end = t0 + 20
-            while time.monotonic() < end:
-                drain(min(end, time.monotonic() + 0.05))
-                fresh = [v for v, ps in acks.items() if ps and min(ps.values()) > t0]
-                done = [v for v in fresh if len(acks[v]) >= n_proxies]
-                if fresh and sum(len(acks[v]) for v in fresh) >= n_proxies:
-                    complete = max(t for v in fresh for t in acks[v].values())
-                    break
-                if done:
-                    complete = max(acks[done[0]].values())
-                    break
-            if complete is None:
-                log(f"edit {e}: not every proxy ACKed within 20 s")
+            ms = converge(out, acks, lambda e=e: write_atomically(config / "vs.yaml", vs_yaml(10 + e % 80)),
+                          n_proxies, "w")
+            if ms is None:
+                log(f"edit {e}: not every proxy applied it within 20 s")
                 continue
-            latencies.append((complete - t0) * 1000)
+            latencies.append(ms)
             cpu1 = pilot_ps.cpu_times()
             cpu_per_push.append((cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000)
             time.sleep(0.2)
@@ -201,10 +258,18 @@ def main() -> None:
         status = client.call("status")
         client.close()
         synced = sum(1 for r in status if r["state"] == "SYNCED")
+        raw = []
+        for e in range(edits):
+            ms = converge(out, acks, lambda e=e: baseline.set(BASE_PREFIX + "x", {"version": f"raw{e}",
+                                                                                   "pad": "x" * BASE_PAD}),
+                          n_proxies, "b")
+            if ms is not None:
+                raw.append(ms)
+            time.sleep(0.2)
     finally:
         stop.set()
         for w in workers:
-            w.join(5)
+            w.join(10)
             if w.is_alive():
                 w.kill()
         for p in procs:
@@ -213,21 +278,33 @@ def main() -> None:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        loop.stop()
         shutil.rmtree(work, ignore_errors=True)
-    if not latencies:
+    if not latencies or not raw:
         print(json.dumps({"benchmark": "pilot_convergence", "error": "no edit converged"}))
         return
-    p50 = statistics.median(latencies)
-    p99 = sorted(latencies)[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
-    print(f"{'proxies':>8} {'services':>8} {'edits':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'cpu/push ms':>11} {'rss MB':>7} {'synced':>7}")
-    print(f"{n_proxies:>8} {n_services:>8} {len(latencies):>6} {p50:>8.1f} {p99:>8.1f} "
-          f"{max(latencies):>8.1f} {statistics.median(cpu_per_push):>11.1f} {rss_mb:>7.1f} {synced:>7}")
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    r50, r99 = percentile(raw, 0.5), percentile(raw, 0.99)
+    cpu = statistics.median(cpu_per_push)
+    print(f"{n_proxies} proxies, {n_services} services, {args.workers} nodes"
+          f"{' (direct)' if args.direct else ' (relay per node)'}, debounce {args.debounce_ms:g} ms")
+    print(f"{'path':<28} {'edits':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p99 / raw':>9}")
+    print(f"{'raw bus fan-out (baseline)':<28} {len(raw):>5} {r50:>8.1f} {r99:>8.1f} {max(raw):>8.1f} "
+          f"{1:>9.2f}")
+    print(f"{'galley+pilot edit -> apply':<28} {len(latencies):>5} {p50:>8.1f} {p99:>8.1f} "
+          f"{max(latencies):>8.1f} {p99 / r99:>9.2f}")
+    print(f"pilot: {cpu:.1f} ms CPU per push (median), RSS {rss_mb:.1f} MB, {synced}/{n_proxies} SYNCED")
     print(json.dumps({"benchmark": "pilot_convergence", "proxies": n_proxies, "services": n_services,
+                      "nodes": args.workers, "direct": args.direct, "debounce_ms": args.debounce_ms,
                       "edits": len(latencies), "p50_ms": p50, "p99_ms": p99, "max_ms": max(latencies),
-                      "pilot_cpu_ms_per_push": statistics.median(cpu_per_push), "pilot_rss_mb": rss_mb,
-                      "synced": synced, "goal": {"p99_ms_max": 100, "rss_mb_max": 300,
-                                                 "met": p99 <= 100 and rss_mb <= 300}}))
+                      "raw_p50_ms": r50, "raw_p99_ms": r99, "p99_ratio_to_raw": p99 / r99,
+                      "pilot_cpu_ms_per_push": cpu, "pilot_rss_mb": rss_mb, "synced": synced,
+                      "goal": {"p99_ms_max": 100, "rss_mb_max": 300, "met": p99 <= 100 and rss_mb <= 300}}))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 if __name__ == "__main__":

@@ -95,6 +95,18 @@ class Publisher:
     def delete(self, key: str) -> None:
         self._in_loop(lambda: self._publish_local(E.make(key, E.DELETE)))
 
+    def set_many(self, entries: list[tuple[str, bytes | None, str]]) -> None:
+        """Publish encoded bodies (None: delete) as (key, body, config_version), all in one loop
+        turn: no snapshot is served between two of them, so keys that only make sense
+        together are never seen apart."""
+        envs = [E.make(key, E.UPDATE, body=body, config_version=version) if body is not None
+                else E.make(key, E.DELETE) for key, body, version in entries]
+
+        def run() -> None:
+            for env in envs:
+                self._publish_local(env)
+        self._in_loop(run)
+
     def forward(self, env: Envelope) -> None:
         """Mirror mode: publish an envelope signed by its origin, unchanged."""
         self._in_loop(lambda: self._send(env))
@@ -228,7 +240,9 @@ class Publisher:
 class Subscriber:
     """Keeps a verified copy of one prefix of a Publisher's state, re-syncing on any doubt.
 
-    `on_change(key, value)` runs in the loop thread for every change (value None: deleted).
+    `on_change(key, value)` runs in the loop thread for every change (value None: deleted);
+    while it runs, `incremental` is False if the change comes from a snapshot swap, whose
+    state is whole only when `on_sync` runs.
     Reads (`get`, `items`, `ready`) are safe from any thread.
     """
 
@@ -252,6 +266,7 @@ class Subscriber:
         self._on_sync = on_sync
         self._max_body = max_body
         self._values: dict[str, Any] = {}
+        self.incremental = True
         self._ready = threading.Event()
         self.resyncs = 0
         self._sub = loop.socket(zmq.SUB)
@@ -376,6 +391,7 @@ class Subscriber:
                 return
             self._values[change.key] = value
         if self._on_change is not None:
+            self.incremental = change.incremental
             self._on_change(change.key, value)
 
 

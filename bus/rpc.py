@@ -185,3 +185,132 @@ class RpcClient:
         close_monitor(self._sock, self._events)
         self._sock.close(0)
 
+
+
+@dataclass
+class _Pending:
+    frames: list[bytes]
+    method: str
+    on_reply: Callable[[Any, Exception | None], None] | None
+    attempts: int = 0
+    timer: Any = None
+
+
+class AsyncRpcClient:
+    """A non-blocking client for loop-driven components (proxy, node agent): `call` returns at
+    once and the reply, or the RpcError / RpcTimeout, goes to `on_reply(result, error)` in the
+    loop thread. A retry resends the same id, so the server's reply cache runs it once.
+    A blocking RPC in a proxy would stall every connection it carries."""
+
+    def __init__(self, loop: Loop, endpoint: str, keyring: Keyring | None, server: str, *,
+                 origin: str = "", timeout: float = 2.0, retries: int = 2) -> None:
+        self.loop = loop
+        self.endpoint = endpoint
+        self.origin = origin
+        self.timeout = timeout
+        self.retries = retries
+        self.log = Log("bus.rpc-client", server=server)
+        self._pending: dict[bytes, _Pending] = {}
+        self._sock = loop.socket(zmq.DEALER)
+        self._sock.linger = 0
+        secure_client(self._sock, endpoint, keyring, server)
+        self.monitor = Monitor(loop, self._sock, "rpc", "client", self.log)
+        loop.add_reader(self._sock, self._on_readable)
+        self._sock.connect(endpoint)
+
+    def call(self, method: str, body: Any = None,
+             on_reply: Callable[[Any, Exception | None], None] | None = None) -> None:
+        """Send a request (from any thread); `on_reply` runs in the loop thread."""
+        req_id = os.urandom(8)
+        frames = E.make(method, E.REQUEST, body, req_id=req_id, origin=self.origin).frames()
+        pending = _Pending(frames, method, on_reply)
+
+        def start() -> None:
+            self._pending[req_id] = pending
+            self._send(req_id, pending)
+        if self.loop.in_loop():
+            start()
+        else:
+            self.loop.call_soon_threadsafe(start)
+
+    def call_wait(self, method: str, body: Any = None, timeout: float = 10.0) -> Any:
+        """For threads other than the loop's: block until the reply (raises as RpcClient does)."""
+        done = threading.Event()
+        box: list[Any] = [None, None]
+
+        def finish(result: Any, error: Exception | None) -> None:
+            box[0], box[1] = result, error
+            done.set()
+        self.call(method, body, finish)
+        if not done.wait(timeout):
+            raise RpcTimeout(f"{method} to {self.endpoint}: no reply within {timeout} s")
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def close(self) -> None:
+        for pending in self._pending.values():
+            if pending.timer is not None:
+                pending.timer.cancel()
+        self._pending.clear()
+        self.monitor.close()
+        self.loop.remove_reader(self._sock)
+        self._sock.close(0)
+
+    def _send(self, req_id: bytes, pending: _Pending) -> None:
+        pending.attempts += 1
+        if pending.attempts > 1:
+            RPC_RETRIES.inc()
+            self.log.info("retrying request", method=pending.method, attempt=pending.attempts - 1,
+                          reason=self.monitor.last_error or "timeout")
+        try:
+            self._sock.send_multipart(pending.frames, zmq.NOBLOCK)
+            SENT.labels(E.REQUEST).inc()
+        except zmq.Again:
+            pass  # not connected yet: the timeout resends
+        pending.timer = self.loop.call_later(self.timeout, lambda: self._expired(req_id))
+
+    def _expired(self, req_id: bytes) -> None:
+        pending = self._pending.get(req_id)
+        if pending is None:
+            return
+        if pending.attempts <= self.retries:
+            self._send(req_id, pending)
+            return
+        del self._pending[req_id]
+        RPC_FAILURES.labels("timeout").inc()
+        reason = f" ({self.monitor.last_error})" if self.monitor.last_error else ""
+        self._finish(pending, None, RpcTimeout(
+            f"{pending.method} to {self.endpoint}: no reply after {pending.attempts} attempts{reason}"))
+
+    def _on_readable(self) -> None:
+        for frames in drain(self._sock, 512):
+            try:
+                reply = E.decode(frames)
+            except DecodeError:
+                continue  # garbage cannot come from an authenticated server; ignore
+            pending = self._pending.pop(reply.req_id or b"", None)
+            if pending is None or reply.kind not in (E.REPLY, E.ERROR):
+                continue  # a stale reply to a request already answered or given up
+            pending.timer.cancel()
+            RECEIVED.labels(reply.kind).inc()
+            if reply.kind == E.ERROR:
+                RPC_FAILURES.labels("error").inc()
+                self._finish(pending, None, RpcError((reply.value() or {}).get("error", "error")))
+                continue
+            try:
+                value = reply.value()
+            except DecodeError as exc:
+                self._finish(pending, None, RpcError(f"undecodable reply: {exc.reason}"))
+                continue
+            self._finish(pending, value, None)
+
+    def _finish(self, pending: _Pending, value: Any, error: Exception | None) -> None:
+        if pending.on_reply is None:
+            if error is not None:
+                self.log.warning("request failed", method=pending.method, error=str(error))
+            return
+        try:
+            pending.on_reply(value, error)
+        except Exception:
+            self.log.error("reply callback failed", method=pending.method, exc_info=True)

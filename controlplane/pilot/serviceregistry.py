@@ -189,6 +189,9 @@ def _deployment(r: Resource) -> Workload | None:
                     service_account=_str(_map(template.get("spec")).get("serviceAccountName")) or "default")
 
 
+REGISTRY_KINDS = frozenset({"Service", "ServiceEntry", "Pod", "Deployment", "WorkloadEntry"})
+
+
 def _compile(resources: Iterable[Resource]) -> tuple[list[_Backing], list[Workload]]:
     """Backings in precedence order (Kubernetes Services, then ServiceEntries) and workloads."""
     by_kind: dict[str, list[Resource]] = defaultdict(list)

@@ -9,8 +9,8 @@ import pytest
 
 from bus.keys import Keyring
 from bus.reports import ReportCollector, ReportSender
-from bus.rpc import RpcClient, RpcError, RpcServer, RpcTimeout
-from tests.conftest import metric, wait_for
+from bus.rpc import AsyncRpcClient, RpcClient, RpcError, RpcServer, RpcTimeout
+from tests.conftest import free_port, metric, wait_for
 
 
 @pytest.fixture
@@ -119,3 +119,36 @@ def test_reports_arrive_and_a_full_queue_drops_without_blocking(keydir, loops) -
     assert time.monotonic() - started < 1  # it never blocked
     assert results.count(False) >= 80 and nobody.dropped == results.count(False)
     assert metric("zmesh_bus_reports_dropped_total") == dropped + results.count(False)
+
+
+def async_client(keydir, loops, endpoint: str, **kw) -> AsyncRpcClient:
+    loop = loops("rpc-client")
+    return loop.call_sync(lambda: AsyncRpcClient(loop, endpoint, Keyring(keydir, "nodeagent"), "pilot",
+                                                 origin="nodeagent", **kw))
+
+
+def test_async_calls_answer_in_the_loop_without_blocking_it(keydir, loops, server) -> None:
+    c = async_client(keydir, loops, server.endpoint)
+    replies: list = []
+    for i in range(50):  # all in flight at once: nothing waits for the one before
+        c.call("echo", i, lambda result, error: replies.append((result, error, c.loop.in_loop())))
+    assert wait_for(lambda: len(replies) == 50, timeout=10)
+    assert sorted(r[0]["echo"] for r in replies) == list(range(50))
+    assert all(error is None and in_loop for _, error, in_loop in replies)
+    assert c.call_wait("echo", "x")["peer"] == "nodeagent"
+    with pytest.raises(RpcError, match="handler exploded"):
+        c.call_wait("boom")
+
+
+def test_an_async_retry_is_answered_once_and_a_dead_server_times_out(keydir, loops, server) -> None:
+    c = async_client(keydir, loops, server.endpoint, timeout=0.15, retries=4)
+    retries = metric("zmesh_bus_rpc_retries_total")
+    assert c.call_wait("slow") == "slow-done"  # 0.4 s handler: retried, run once, answered once
+    assert metric("zmesh_bus_rpc_retries_total") > retries
+    assert sum(1 for r in server.calls if r.method == "slow") == 1
+
+    dead = async_client(keydir, loops, f"tcp://127.0.0.1:{free_port()}", timeout=0.1, retries=1)
+    errors: list = []
+    dead.call("echo", 1, lambda result, error: errors.append(error))
+    assert wait_for(lambda: errors, timeout=5)
+    assert isinstance(errors[0], RpcTimeout) and "after 2 attempts" in str(errors[0])

@@ -70,67 +70,91 @@ set; a match field that is absent matches anything.
 
 Only the proxy's namespace and labels shape everything but the inbound side, so pilot
 builds those parts once per (namespace, labels) and two such proxies get one version.
+On the bus the config travels as parts (see parts.py); `version` hashes them.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
-
-import msgpack
 
 from controlplane.pilot.model import Proxy
 from controlplane.pilot.networking.clusters import build_inbound_clusters, build_outbound_clusters
 from controlplane.pilot.networking.endpoints import build_endpoints
 from controlplane.pilot.networking.listeners import build_inbound_listeners, build_outbound_listeners
-from controlplane.pilot.networking.push_context import PushContext, ServiceInstance
+from controlplane.pilot.networking.parts import (
+    PartSet,
+    assemble,
+    config_version,
+    local_parts,
+    shared_parts,
+    split,
+)
+from controlplane.pilot.networking.push_context import PushContext
 from controlplane.pilot.networking.routes import build_routes
 from controlplane.pilot.networking.security import build_security, peer_authentication
 
-__all__ = ["PushContext", "build_proxy_config", "config_hash"]
+__all__ = ["ProxyParts", "PushContext", "build_proxy_config", "build_proxy_parts", "config_hash"]
+
+
+@dataclass(eq=False)
+class ProxyParts:
+    """One proxy's config as published: the shared (outbound) set it follows and its own."""
+
+    scope: str
+    shared: PartSet
+    local: PartSet
+    version: str
+
+    def config(self) -> dict[str, Any]:
+        return assemble(self.shared.values, self.local.values, self.version)
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    """The config's version: equal configs, equal versions, whatever proxy they were built for.
-    Every part is built in a deterministic order, so msgpack (4x faster than sorted JSON here)
-    encodes equal configs to equal bytes."""
-    body = {k: v for k, v in cfg.items() if k != "version"}
-    return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).hexdigest()
+    """The version of a whole config: equal configs, equal versions, whatever proxy they were
+    built for (every part is built in a deterministic order, so equal parts encode equally)."""
+    shared, local = split(cfg)
+    return config_version(PartSet.of(shared).version, PartSet.of(local).version)
 
 
-def _outbound(push: PushContext, proxy: Proxy) -> dict[str, Any]:
-    """The part every proxy with this namespace and these labels shares."""
-    scope = push.sidecar_scope(proxy)
-    clusters = build_outbound_clusters(push, proxy, scope)
-    return {"listeners": build_outbound_listeners(push, proxy, scope),
-            "outbound_traffic_policy": scope.outbound_traffic_policy,
-            "routes": build_routes(push, proxy, scope),
-            "clusters": clusters, "endpoints": build_endpoints(push, clusters)}
+def scope_id(push: PushContext, proxy: Proxy) -> str:
+    """Names the shared set: proxies with equal outbound keys follow the same one."""
+    return hashlib.sha256(repr(push.outbound_key(proxy)).encode()).hexdigest()[:20]
 
 
-def _build(push: PushContext, proxy: Proxy, instances: list[ServiceInstance]) -> dict[str, Any]:
-    outbound = push.cached(("outbound", *push.outbound_key(proxy)), lambda: _outbound(push, proxy))
-    mode, port_modes = peer_authentication(push, proxy)
-    inbound_clusters = build_inbound_clusters(push, instances)
-    clusters = outbound["clusters"] | inbound_clusters
-    endpoints = outbound["endpoints"] | build_endpoints(push, inbound_clusters)
-    cfg: dict[str, Any] = {
-        "listeners": {"outbound_traffic_policy": outbound["outbound_traffic_policy"],
-                      "outbound": outbound["listeners"],
-                      "inbound": build_inbound_listeners(instances, mode, port_modes)},
-        "routes": outbound["routes"],
-        "clusters": {name: clusters[name] for name in sorted(clusters)},
-        "endpoints": {name: endpoints[name] for name in sorted(endpoints)},
-        "security": build_security(push, proxy),
-    }
-    cfg["version"] = config_hash(cfg)
-    return cfg
+def _shared(push: PushContext, proxy: Proxy, scope: str, previous: Mapping[str, PartSet]) -> PartSet:
+    sidecar_scope = push.sidecar_scope(proxy)
+    clusters = build_outbound_clusters(push, proxy, sidecar_scope)
+    outbound = {"listeners": build_outbound_listeners(push, proxy, sidecar_scope),
+                "outbound_traffic_policy": sidecar_scope.outbound_traffic_policy,
+                "routes": build_routes(push, proxy, sidecar_scope),
+                "clusters": clusters, "endpoints": build_endpoints(push, clusters)}
+    return PartSet.of(shared_parts(outbound), previous.get(scope))
+
+
+def build_proxy_parts(push: PushContext, proxy: Proxy,
+                      previous: Mapping[str, PartSet] | None = None) -> ProxyParts:
+    """Everything one sidecar needs, as parts. Proxies with the same outbound key share one
+    shared set per push; `previous` (scope -> set from the last push) lends its objects to
+    unchanged parts, so consecutive versions hold one copy of what they have in common."""
+    scope = scope_id(push, proxy)
+    shared = push.cached(("shared", scope), lambda: _shared(push, proxy, scope, previous or {}))
+    instances = push.instances(proxy)
+    key = ("local", proxy.namespace, tuple(sorted(proxy.labels.items())), proxy.service_account,
+           tuple((i.service.hostname, i.port.number, i.endpoint_port) for i in instances))
+
+    def build_local() -> PartSet:
+        mode, port_modes = peer_authentication(push, proxy)
+        clusters = build_inbound_clusters(push, instances)
+        return PartSet.of(local_parts(build_inbound_listeners(instances, mode, port_modes), clusters,
+                                      build_endpoints(push, clusters), build_security(push, proxy)))
+
+    local = push.cached(key, build_local)
+    return ProxyParts(scope, shared, local, config_version(shared.version, local.version))
 
 
 def build_proxy_config(push: PushContext, proxy: Proxy) -> dict[str, Any]:
-    """Everything one sidecar needs, as the module docstring describes it. Proxies with the
-    same namespace, labels and served ports share one (read-only) result per push."""
-    instances = push.instances(proxy)
-    key = ("config", proxy.namespace, tuple(sorted(proxy.labels.items())),
-           tuple((i.service.hostname, i.port.number, i.endpoint_port) for i in instances))
-    return push.cached(key, lambda: _build(push, proxy, instances))
+    """Everything one sidecar needs, as the module docstring describes it, in one dict."""
+    return build_proxy_parts(push, proxy).config()

@@ -125,6 +125,13 @@ class PushContext:
             self.service_by_host.setdefault(service.hostname, service)
             by_namespace[service.namespace].append(service)
         self.services_by_namespace = dict(by_namespace)
+        # namespace -> one (key, value) of each selector -> services: a proxy's instances are
+        # found from its own labels, not by testing every selector in its namespace
+        by_label: dict[str, dict[tuple[str, str], list[Service]]] = defaultdict(lambda: defaultdict(list))
+        for service in self.services:
+            if service.selector:
+                by_label[service.namespace][min(service.selector.items())].append(service)
+        self._selecting = {ns: dict(index) for ns, index in by_label.items()}
 
         by_port: dict[tuple[str, int], list[Endpoint]] = defaultdict(list)
         by_address: dict[str, list[Endpoint]] = defaultdict(list)
@@ -275,8 +282,9 @@ class PushContext:
             port = svc.port(ep.service_port) if svc else None
             if svc and port:
                 found.setdefault((svc.hostname, port.number), ServiceInstance(svc, port, ep.port))
-        for svc in self.services_by_namespace.get(proxy.namespace, ()):
-            if svc.selector and matches(svc.selector, proxy.labels):
+        index = self._selecting.get(proxy.namespace, {})
+        for svc in (svc for item in proxy.labels.items() for svc in index.get(item, ())):
+            if matches(svc.selector, proxy.labels):
                 for port in svc.ports:
                     found.setdefault((svc.hostname, port.number),
                                      ServiceInstance(svc, port, port.target_port or port.number))

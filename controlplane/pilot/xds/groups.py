@@ -3,7 +3,7 @@
 A sidecar's config is a function of its namespace, labels and service account (the
 translation reads nothing else about it), so those inputs name its group. A fleet of
 identical replicas is one group: one translation, one encode, one signature, and
-every replica subscribes to `cfg/g/<group>`.
+every replica subscribes to `cfg/g/<group>/` (and to the shared set its manifest names).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import hashlib
 import json
 
 from controlplane.pilot.model import Proxy
-
-PREFIX = "cfg/g/"
+from controlplane.pilot.networking.parts import GROUP_PREFIX
 
 
 def group_id(namespace: str, labels: dict[str, str], service_account: str) -> str:
@@ -26,4 +25,5 @@ def group_of(proxy: Proxy) -> str:
 
 
 def topic(group: str) -> str:
-    return PREFIX + group
+    """The prefix a group's keys live under."""
+    return f"{GROUP_PREFIX}{group}/"

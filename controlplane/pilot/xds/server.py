@@ -3,10 +3,12 @@
 - A Subscriber to galley's `galley/` keys feeds the config resources.
 - An RpcServer takes `register` / `heartbeat` / `deregister` (workloads, from node agents
   or proxies), `ack` / `nack` (from proxies), and `status` / `config` (for meshctl).
-- A Publisher carries `cfg/g/<group>`: one signed key per config group (see groups.py).
+- A Publisher carries the config as parts (networking/parts.py): each shared (outbound)
+  set once under `cfg/o/<scope>/`, each config group's own parts and manifest under
+  `cfg/g/<group>/` (see groups.py).
 
-Every change goes through the Debouncer; a push translates each group once and
-publishes only the groups whose version (a content hash) changed.
+Every change goes through the Debouncer; a push translates each group once and publishes
+only the parts whose content changed, then the manifests that make them a version.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from bus.rpc import Request, RpcServer
 from controlplane.config.model import Resource
 from controlplane.debounce import DebouncedCall, Debouncer
 from controlplane.pilot.model import Proxy
-from controlplane.pilot.networking import build_proxy_config
+from controlplane.pilot.networking import ProxyParts, build_proxy_parts
+from controlplane.pilot.networking.parts import MANIFEST, SHARED_PREFIX, PartSet, pack
 from controlplane.pilot.networking.push_context import PushContext
-from controlplane.pilot.serviceregistry import ServiceRegistry
+from controlplane.pilot.serviceregistry import REGISTRY_KINDS, ServiceRegistry
 from controlplane.pilot.xds import groups
-from controlplane.pilot.xds.metrics import GROUP_PUBLISHES, PROXIES, PUSH_SECONDS, PUSHES
+from controlplane.pilot.xds.metrics import GROUP_PUBLISHES, PARTS_PUBLISHED, PROXIES, PUSH_SECONDS, PUSHES
 from controlplane.pilot.xds.status import StatusTracker
 
 _HISTORY = 256  # config versions kept for `meshctl proxy-config` (what proxies say they run)
+Entry = tuple[str, "bytes | None", str]  # (key, encoded body or None to delete, config version)
 LEASE_SECONDS = 15.0
 
 
@@ -55,10 +59,12 @@ class Pilot:
         self.log = Log("pilot")
         self.resources: dict[str, Resource] = {}
         self.group_versions: dict[str, str] = {}      # group -> version published
-        self.history: OrderedDict[str, dict[str, Any]] = OrderedDict()  # version -> config
+        self.published: dict[str, ProxyParts] = {}    # group -> parts published
+        self.scopes: dict[str, PartSet] = {}          # scope -> shared set published
+        self.history: OrderedDict[str, ProxyParts] = OrderedDict()  # version -> parts
         self.pushes = 0
         self._push_call = DebouncedCall(loop, self.debounce, self.push)
-        self._config_dirty = False
+        self._registry_dirty = False
         self._pushing = False
         self._push_again = False
         self.galley_synced = False  # no push before galley's whole snapshot is in (Istio's cache sync)
@@ -70,14 +76,16 @@ class Pilot:
         if key == "galley/_status":
             return
         if value is None:
-            self.resources.pop(key, None)
+            old = self.resources.pop(key, None)
+            kind = old.kind if old else ""
         else:
             try:
                 self.resources[key] = resource_from_galley(value)
             except (KeyError, TypeError):
                 self.log.warning("ignoring malformed galley entry", key=key)
                 return
-        self._config_dirty = True
+            kind = self.resources[key].kind
+        self._registry_dirty = self._registry_dirty or kind in REGISTRY_KINDS
         self._changed()
 
     def on_galley_synced(self, _subscriber: Any = None) -> None:
@@ -143,9 +151,9 @@ class Pilot:
         if rec is None:
             raise KeyError(f"unknown proxy {proxy_id!r}")
         version = rec.in_force or rec.acked
-        config = self.history.get(version)
-        return {"proxy": proxy_id, "version": version, "sent": rec.sent, "config": config,
-                "known": config is not None}
+        parts = self.history.get(version)
+        return {"proxy": proxy_id, "version": version, "sent": rec.sent,
+                "config": parts.config() if parts else None, "known": parts is not None}
 
     # -- pushes --
     def _expire_leases(self) -> None:
@@ -164,71 +172,109 @@ class Pilot:
 
     def push(self) -> None:
         """Start a push: translate each config group once (in a worker thread, so registrations
-        and ACKs are still answered during a long one) and publish the groups whose version changed."""
+        and ACKs are still answered during a long one) and publish what changed."""
         if not self.galley_synced:
             return  # a partial config would be pushed, then pushed again: wait for the sync
         if self._pushing:
             self._push_again = True  # the running push may have missed this change
             return
         merged = self.debounce.fire()
-        if self._config_dirty:
+        if self._registry_dirty:  # a VirtualService edit need not rebuild the registry
             self.registry.update_config(list(self.resources.values()))
-            self._config_dirty = False
+            self._registry_dirty = False
         inputs = (self.registry.services(), self.registry.all_endpoints(), list(self.resources.values()),
-                  self.registry.registrations.proxies(), dict(self.group_versions))
+                  self.registry.registrations.proxies(), dict(self.published), dict(self.scopes))
         self._pushing = True
         threading.Thread(target=self._translate, args=(merged, *inputs), name="pilot-push",
                          daemon=True).start()
 
     def _translate(self, merged: int, services: list, endpoints: list, resources: list[Resource],
-                   proxies: list[Proxy], published_versions: dict[str, str]) -> None:
+                   proxies: list[Proxy], published: dict[str, ProxyParts],
+                   scopes: dict[str, PartSet]) -> None:
         started = time.perf_counter()
         members: dict[str, list[Proxy]] = {}
         for proxy in proxies:
             members.setdefault(groups.group_of(proxy), []).append(proxy)
-        results: list[tuple[str, str, dict[str, Any] | None, list[Proxy]]] = []
+        built: dict[str, ProxyParts] = {}
+        entries: list[Entry] = []
         try:
             push = PushContext(services, endpoints, resources)
+            new_scopes: dict[str, PartSet] = {}
             for group, group_proxies in sorted(members.items()):
-                config = build_proxy_config(push, group_proxies[0])
-                version = config["version"]
-                changed = published_versions.get(group) != version
-                if changed:  # encoded here, signed and sent by the loop
-                    self.publisher.set(groups.topic(group), config, config_version=version)
-                results.append((group, version, config if changed else None, group_proxies))
+                parts = built[group] = build_proxy_parts(push, group_proxies[0], scopes)
+                if parts.scope not in new_scopes:
+                    new_scopes[parts.scope] = parts.shared
+                    entries += _changes(SHARED_PREFIX + parts.scope + "/", parts.shared,
+                                        scopes.get(parts.scope), {})
+            for group, parts in built.items():  # the group manifests last: they name the scopes' versions
+                old = published.get(group)
+                if old is None or old.version != parts.version:
+                    manifest = {"scope": parts.scope, "scope_version": parts.shared.version,
+                                "version": parts.version}
+                    entries += _changes(groups.topic(group), parts.local, old and old.local, manifest)
+            for scope in set(scopes) - set(new_scopes):
+                entries += _removal(SHARED_PREFIX + scope + "/", scopes[scope])
+            for group in set(published) - set(members):
+                entries += _removal(groups.topic(group), published[group].local)
         except Exception:
             self.log.error("push failed", exc_info=True)
+            built, new_scopes, entries = {}, scopes, []
+        if entries:  # encoded here, signed and sent by the loop, all in one turn
+            self.publisher.set_many(entries)
         elapsed = time.perf_counter() - started
-        self.loop.call_soon_threadsafe(lambda: self._pushed(merged, results, members, elapsed))
+        self.loop.call_soon_threadsafe(
+            lambda: self._pushed(merged, built, new_scopes, members, len(entries), elapsed))
 
-    def _pushed(self, merged: int, results: list, members: dict[str, list[Proxy]], elapsed: float) -> None:
+    def _pushed(self, merged: int, built: dict[str, ProxyParts], scopes: dict[str, PartSet],
+                members: dict[str, list[Proxy]], entries: int, elapsed: float) -> None:
         """Back in the loop: record what was sent to whom."""
         now = time.monotonic()
-        published = 0
-        for group, version, config, group_proxies in results:
-            if config is not None:
-                self.group_versions[group] = version
-                self.history[version] = config
-                self.history.move_to_end(version)
+        changed = 0
+        for group, parts in built.items():
+            if self.group_versions.get(group) != parts.version:
+                changed += 1
+                self.history[parts.version] = parts
+                self.history.move_to_end(parts.version)
                 while len(self.history) > _HISTORY:
                     self.history.popitem(last=False)
-                published += 1
-            for proxy in group_proxies:
-                self.status.sent(proxy.id, version, now)
-        for group in set(self.group_versions) - set(members):
-            del self.group_versions[group]
-            self.publisher.delete(groups.topic(group))
+            self.group_versions[group] = parts.version
+            for proxy in members[group]:
+                self.status.sent(proxy.id, parts.version, now)
+        if built or not members:
+            self.published = built
+            self.scopes = scopes
+            for group in set(self.group_versions) - set(built):
+                del self.group_versions[group]
         self.pushes += 1
         PUSHES.inc()
         PUSH_SECONDS.observe(elapsed)
         PROXIES.set(sum(len(m) for m in members.values()))
-        GROUP_PUBLISHES.inc(published)
+        GROUP_PUBLISHES.inc(changed)
+        PARTS_PUBLISHED.inc(entries)
         self.log.info("push", changes=merged, proxies=sum(len(m) for m in members.values()),
-                      groups=len(members), published=published, ms=round(elapsed * 1000, 1))
+                      groups=len(members), changed=changed, keys=entries, ms=round(elapsed * 1000, 1))
         self._pushing = False
         if self._push_again:
             self._push_again = False
             self._changed()
+
+
+def _changes(prefix: str, new: PartSet, old: PartSet | None, manifest: dict[str, Any]) -> list[Entry]:
+    """The keys that turn `old` into `new` under `prefix`, then the set's manifest."""
+    changed, removed = new.changes(old)
+    if not changed and not removed and not manifest:
+        return []
+    out: list[Entry] = [(prefix + s, new.packed[s], new.version) for s in changed]
+    out += [(prefix + s, None, new.version) for s in removed]
+    body = {**manifest, "parts": len(new.values)}
+    body.setdefault("version", new.version)
+    out.append((prefix + MANIFEST, pack(body), body["version"]))
+    return out
+
+
+def _removal(prefix: str, old: PartSet) -> list[Entry]:
+    return [(prefix + MANIFEST, None, "")] + [(prefix + s, None, "") for s in old.values]
+
 
 def subscribe_galley(loop: Loop, pilot: Pilot, **subscriber_kw: Any) -> Subscriber:
     return Subscriber(loop, prefix="galley/", on_change=pilot.on_galley, on_sync=pilot.on_galley_synced,

@@ -1,0 +1,105 @@
+"""The proxy's side of pilot's config protocol: follow a config group, hand over whole configs.
+
+Pilot publishes a group's own parts and manifest under `cfg/g/<group>/`, and the outbound
+parts the group shares with others under `cfg/o/<scope>/` (controlplane.pilot.networking.parts).
+A follower subscribes to the group, reads from its manifest which scope to follow, and calls
+`on_update` exactly once per version, when it holds a whole, consistent set of parts. The
+update names the parts that changed; the whole config is assembled only if asked for. A
+set that is complete but does not fit together raises ValueError from `config()`, for the
+proxy to NACK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus.keys import Keyring
+from bus.logs import Log
+from bus.loop import Loop
+from bus.pubsub import Subscriber
+from bus.signing import Verifier
+from controlplane.pilot.networking.parts import MANIFEST, SHARED_PREFIX, Assembler
+
+
+@dataclass
+class ConfigUpdate:
+    version: str
+    touched: set[str]   # part suffixes changed since the last update; shared ones as "o:<suffix>"
+    assembler: Assembler
+    _config: dict[str, Any] | None = field(default=None, repr=False)
+
+    def config(self) -> dict[str, Any]:
+        """The whole config of this version (raises ValueError when its parts do not fit)."""
+        if self._config is None:
+            if (self.assembler.local_manifest or {}).get("version") != self.version:
+                raise ValueError(f"version {self.version} is superseded; ask during on_update")
+            self._config = self.assembler.config()
+            if self._config is None:
+                raise ValueError("config parts are incomplete")
+        return self._config
+
+
+class ConfigFollower:
+    def __init__(self, loop: Loop, *, pub_endpoint: str, snapshot_endpoint: str, topic: str,
+                 keyring: Keyring | None, server: str, verifier: Verifier,
+                 on_update: Callable[[ConfigUpdate], None], name: str = "proxy",
+                 silence_timeout: float = 3.0) -> None:
+        """Call from the loop thread (or through `loop.call_sync`)."""
+        self.loop = loop
+        self.topic = topic
+        self.assembler = Assembler()
+        self.scope = ""
+        self.last_version = ""
+        self.log = Log("xds", proxy=name)
+        self._on_update = on_update
+        self._sub_kw: dict[str, Any] = {
+            "pub_endpoint": pub_endpoint, "snapshot_endpoint": snapshot_endpoint, "keyring": keyring,
+            "server": server, "verifier": verifier, "silence_timeout": silence_timeout,
+            "on_sync": self._synced}
+        self._name = name
+        self.group = Subscriber(loop, prefix=topic, on_change=self._group_change, name=name, **self._sub_kw)
+        self.shared: Subscriber | None = None
+
+    def close(self) -> None:
+        for sub in (self.group, self.shared):
+            if sub is not None:
+                sub.close()
+
+    def _group_change(self, key: str, value: Any) -> None:
+        suffix = key[len(self.topic):]
+        self.assembler.local_change(suffix, value)
+        if suffix == MANIFEST:
+            self._follow_scope()
+            if self.group.incremental:
+                self._try()
+
+    def _shared_change(self, key: str, value: Any) -> None:
+        suffix = key[len(SHARED_PREFIX) + len(self.scope) + 1:]
+        self.assembler.shared_change(suffix, value)
+        if suffix == MANIFEST and self.shared is not None and self.shared.incremental:
+            self._try()
+
+    def _follow_scope(self) -> None:
+        scope = self.assembler.scope
+        if not scope or scope == self.scope:
+            return
+        if self.shared is not None:
+            self.shared.close()
+        self.assembler.reset_shared()
+        self.scope = scope
+        self.log.debug("following scope", scope=scope)
+        self.shared = Subscriber(self.loop, prefix=f"{SHARED_PREFIX}{scope}/", on_change=self._shared_change,
+                                 name=f"{self._name}-shared", **self._sub_kw)
+
+    def _synced(self, _sub: Subscriber) -> None:
+        self._try()
+
+    def _try(self) -> None:
+        manifest = self.assembler.local_manifest or {}
+        version = str(manifest.get("version", ""))
+        if not version or version == self.last_version or self.assembler.pending() is not None:
+            return
+        self.last_version = version
+        self._on_update(ConfigUpdate(version, self.assembler.take_touched(), self.assembler))
