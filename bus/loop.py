@@ -29,6 +29,7 @@ import zmq
 
 from bus.context import context
 from bus.logs import Log
+from bus.metrics import LOOP_ERRORS
 
 _DRAIN_PASSES = 8     # re-checks of a busy socket per iteration before yielding to others
 _SWEEP_INTERVAL = 1.0  # belt and braces: re-check every socket's ZMQ_EVENTS this often
@@ -293,4 +294,5 @@ class Loop:
         try:
             fn()
         except Exception:
+            LOOP_ERRORS.inc()
             self.log.error("handler failed", exc_info=True)

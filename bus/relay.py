@@ -45,6 +45,10 @@ class Relay:
         return self.publisher.snapshot_endpoint
 
     def _forward(self, env: Envelope) -> None:
+        # After a re-sync the machine replays updates that arrived during the snapshot, and
+        # `_resynced` has already adopted the state that includes them: do not send them twice.
+        if env.epoch == self.publisher.store.epoch and env.seq <= self.publisher.store.seq:
+            return
         self.publisher.forward(env)
 
     def _resynced(self, sub: Subscriber) -> None:

@@ -82,3 +82,4 @@ def test_a_relay_follows_an_upstream_restart(keydir, loops, tmp_path) -> None:
     new = publisher(loops("pub2"), keydir, **endpoints)
     new.set("cfg/a", 2)
     assert wait_for(lambda: client.items() == {"cfg/a": 2}, timeout=10), client.items()
+

@@ -33,18 +33,19 @@ class SimProxy:
         self.on_apply = on_apply
         self.keep_config = keep_config
         self.applied_config: dict[str, Any] | None = None
+        self._heartbeats: Any = None
         self.loop = loop
         self._rpc = loop.call_sync(lambda: AsyncRpcClient(loop, pilot_rpc, ring, "pilot", origin=ring.name,
-                                                          timeout=2, retries=3))
+                                                          timeout=2, retries=3), timeout=60)
         self.workload = {"id": proxy_id, "namespace": namespace, "ip": ip, "labels": labels,
                          "service_account": service_account, "node": proxy_id}
-        reply = self._rpc.call_wait("register", self.workload)
+        reply = self._rpc.call_wait("register", self.workload, timeout=60)
         self.group = reply["group"]
         self.follower = loop.call_sync(lambda: ConfigFollower(
             loop, pub_endpoint=pilot_pub, snapshot_endpoint=pilot_snapshot, topic=reply["topic"],
             keyring=None if via_relay else ring, server="pilot",
             verifier=verifier or Verifier(ring.trusted_signers),
-            on_update=self._on_update, name=proxy_id))
+            on_update=self._on_update, name=proxy_id), timeout=60)
 
     def _on_update(self, update: ConfigUpdate) -> None:
         version = update.version
@@ -76,6 +77,17 @@ class SimProxy:
         if not reply.get("renewed"):
             self._rpc.call_wait("register", {**self.workload, "version": self.applied})
 
+    def heartbeat_every(self, interval: float) -> None:
+        """Renew from the loop on a timer, as a node agent does, without blocking anyone."""
+        def renewed(reply: Any, error: Exception | None) -> None:
+            if error is None and not reply.get("renewed"):
+                self._rpc.call("register", {**self.workload, "version": self.applied},
+                               lambda _result, _error: None)
+        self._heartbeats = self.loop.call_sync(lambda: self.loop.call_every(
+            interval, lambda: self._rpc.call("heartbeat", {"node": self.id}, renewed)), timeout=60)
+
     def close(self) -> None:
+        if self._heartbeats is not None:
+            self.loop.call_sync(self._heartbeats.cancel)
         self.loop.call_sync(self.follower.close)
         self.loop.call_sync(self._rpc.close)

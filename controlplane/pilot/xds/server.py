@@ -111,14 +111,17 @@ class Pilot:
         if body.get("version"):  # what it already runs (after a pilot restart), as xDS version_info
             self.status.ack(workload["id"], str(body["version"]), now)
         self._changed()
-        proxy = self._proxy(workload["id"])
+        proxy = self.registry.registrations.proxy(workload["id"])
         group = groups.group_of(proxy) if proxy else ""
         return {"group": group, "topic": groups.topic(group), "lease": self.lease,
                 "version": self.group_versions.get(group, "")}
 
     def _heartbeat(self, req: Request) -> dict[str, Any]:
         node = str((req.body or {}).get("node") or req.peer)
-        renewed = self.registry.registrations.heartbeat(node, time.monotonic())
+        now = time.monotonic()
+        renewed = self.registry.registrations.heartbeat(node, now)
+        for wid in self.registry.registrations.of_node(node):  # contact, as proxy-status shows it
+            self.status.known(wid, now)
         return {"lease": self.lease, "renewed": renewed}  # 0: register again (pilot restarted)
 
     def _deregister(self, req: Request) -> dict[str, Any]:
@@ -166,9 +169,6 @@ class Pilot:
 
     def _changed(self) -> None:
         self._push_call.change()
-
-    def _proxy(self, proxy_id: str) -> Proxy | None:
-        return next((p for p in self.registry.registrations.proxies() if p.id == proxy_id), None)
 
     def push(self) -> None:
         """Start a push: translate each config group once (in a worker thread, so registrations
