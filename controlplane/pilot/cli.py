@@ -92,8 +92,10 @@ def proxy_config_command(key_dir: str, name: str, pilot_endpoint: str | None, po
 @click.option("--port-base", type=int, default=None)
 @click.option("--debounce-after", type=float, default=0.1, show_default=True, help="Quiet time (s).")
 @click.option("--debounce-max", type=float, default=10.0, show_default=True, help="Longest wait (s).")
+@click.option("--lease", type=float, default=15.0, show_default=True,
+              help="Seconds a registration lives without a heartbeat.")
 def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_base: int | None,
-                  debounce_after: float, debounce_max: float) -> None:
+                  debounce_after: float, debounce_max: float, lease: float) -> None:
     """Run pilot: galley's config + registrations in, per-group proxy config out."""
     from bus.loop import Loop
     from bus.service import run_until_signalled, signed_publisher
@@ -108,7 +110,7 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
         pub = signed_publisher(loop, "pilot", ring, host, port_base)
     except keys.KeyringError as exc:
         raise click.ClickException(str(exc)) from None
-    pilot = Pilot(loop, pub, Debouncer(debounce_after, debounce_max))
+    pilot = Pilot(loop, pub, Debouncer(debounce_after, debounce_max), lease=lease)
     subscribe_galley(loop, pilot, pub_endpoint=endpoints.tcp("galley", "pub", base=port_base),
                      snapshot_endpoint=endpoints.tcp("galley", "snapshot", base=port_base),
                      keyring=ring, server=galley_name, verifier=Verifier(ring.trusted_signers))

@@ -22,7 +22,7 @@ class SimProxy:
     def __init__(self, loop: Loop, ring: Keyring, *, proxy_id: str, namespace: str, ip: str,
                  labels: dict[str, str], pilot_rpc: str, pilot_pub: str, pilot_snapshot: str,
                  service_account: str = "default", verifier: Verifier | None = None,
-                 via_relay: bool = False, keep_config: bool = True,
+                 via_relay: bool = False, keep_config: bool = True, follow: bool = True,
                  reject: Callable[[dict[str, Any]], str | None] | None = None,
                  on_apply: Callable[[str], None] | None = None) -> None:
         self.id = proxy_id
@@ -41,11 +41,18 @@ class SimProxy:
                          "service_account": service_account, "node": proxy_id}
         reply = self._rpc.call_wait("register", self.workload, timeout=60)
         self.group = reply["group"]
-        self.follower = loop.call_sync(lambda: ConfigFollower(
-            loop, pub_endpoint=pilot_pub, snapshot_endpoint=pilot_snapshot, topic=reply["topic"],
-            keyring=None if via_relay else ring, server="pilot",
-            verifier=verifier or Verifier(ring.trusted_signers),
-            on_update=self._on_update, name=proxy_id), timeout=60)
+        self._follow_args = (pilot_pub, pilot_snapshot, reply["topic"], None if via_relay else ring,
+                             verifier or Verifier(ring.trusted_signers))
+        self.follower: ConfigFollower | None = None
+        if follow:
+            self.follow()
+
+    def follow(self) -> None:
+        """Subscribe to our group's config (a fleet registers first, then follows: see the benchmark)."""
+        pub, snapshot, topic, keyring, verifier = self._follow_args
+        self.follower = self.loop.call_sync(lambda: ConfigFollower(
+            self.loop, pub_endpoint=pub, snapshot_endpoint=snapshot, topic=topic, keyring=keyring,
+            server="pilot", verifier=verifier, on_update=self._on_update, name=self.id), timeout=60)
 
     def _on_update(self, update: ConfigUpdate) -> None:
         version = update.version
@@ -89,5 +96,6 @@ class SimProxy:
     def close(self) -> None:
         if self._heartbeats is not None:
             self.loop.call_sync(self._heartbeats.cancel)
-        self.loop.call_sync(self.follower.close)
+        if self.follower is not None:
+            self.loop.call_sync(self.follower.close)
         self.loop.call_sync(self._rpc.close)

@@ -134,13 +134,17 @@ def _shared(push: PushContext, proxy: Proxy, scope: str, previous: Mapping[str, 
     return PartSet.of(shared_parts(outbound), previous.get(scope))
 
 
-def build_proxy_parts(push: PushContext, proxy: Proxy,
-                      previous: Mapping[str, PartSet] | None = None) -> ProxyParts:
+def build_proxy_parts(push: PushContext, proxy: Proxy, previous: Mapping[str, PartSet] | None = None,
+                      local: PartSet | None = None) -> ProxyParts:
     """Everything one sidecar needs, as parts. Proxies with the same outbound key share one
     shared set per push; `previous` (scope -> set from the last push) lends its objects to
-    unchanged parts, so consecutive versions hold one copy of what they have in common."""
+    unchanged parts, so consecutive versions hold one copy of what they have in common.
+    `local`: the group's own set from the last push, when the caller knows that nothing it
+    depends on changed (pilot, after an edit of outbound-only kinds)."""
     scope = scope_id(push, proxy)
     shared = push.cached(("shared", scope), lambda: _shared(push, proxy, scope, previous or {}))
+    if local is not None:
+        return ProxyParts(scope, shared, local, config_version(shared.version, local.version))
     instances = push.instances(proxy)
     key = ("local", proxy.namespace, tuple(sorted(proxy.labels.items())), proxy.service_account,
            tuple((i.service.hostname, i.port.number, i.endpoint_port) for i in instances))

@@ -33,6 +33,9 @@ from controlplane.pilot.xds import groups
 from controlplane.pilot.xds.metrics import GROUP_PUBLISHES, PARTS_PUBLISHED, PROXIES, PUSH_SECONDS, PUSHES
 from controlplane.pilot.xds.status import StatusTracker
 
+# Kinds that only shape what a proxy sends (its outbound side): an edit of these alone leaves
+# every group's own parts (inbound listeners, security) as they were.
+OUTBOUND_KINDS = frozenset({"VirtualService", "DestinationRule", "Gateway"})
 _HISTORY = 256  # config versions kept for `meshctl proxy-config` (what proxies say they run)
 Entry = tuple[str, "bytes | None", str]  # (key, encoded body or None to delete, config version)
 LEASE_SECONDS = 15.0
@@ -65,6 +68,7 @@ class Pilot:
         self.pushes = 0
         self._push_call = DebouncedCall(loop, self.debounce, self.push)
         self._registry_dirty = False
+        self._local_dirty = True  # anything but an outbound-only edit: rebuild groups' own parts
         self._pushing = False
         self._push_again = False
         self.galley_synced = False  # no push before galley's whole snapshot is in (Istio's cache sync)
@@ -86,7 +90,7 @@ class Pilot:
                 return
             kind = self.resources[key].kind
         self._registry_dirty = self._registry_dirty or kind in REGISTRY_KINDS
-        self._changed()
+        self._changed(local=kind not in OUTBOUND_KINDS)
 
     def on_galley_synced(self, _subscriber: Any = None) -> None:
         if not self.galley_synced:
@@ -167,7 +171,9 @@ class Pilot:
         if expired:
             self._changed()
 
-    def _changed(self) -> None:
+    def _changed(self, local: bool = True) -> None:
+        """Something changed; `local=False`: nothing a group's own parts depend on."""
+        self._local_dirty = self._local_dirty or local
         self._push_call.change()
 
     def push(self) -> None:
@@ -182,15 +188,17 @@ class Pilot:
         if self._registry_dirty:  # a VirtualService edit need not rebuild the registry
             self.registry.update_config(list(self.resources.values()))
             self._registry_dirty = False
+        reuse_local = not self._local_dirty
+        self._local_dirty = False
         inputs = (self.registry.services(), self.registry.all_endpoints(), list(self.resources.values()),
-                  self.registry.registrations.proxies(), dict(self.published), dict(self.scopes))
+                  self.registry.registrations.proxies(), dict(self.published), dict(self.scopes), reuse_local)
         self._pushing = True
         threading.Thread(target=self._translate, args=(merged, *inputs), name="pilot-push",
                          daemon=True).start()
 
     def _translate(self, merged: int, services: list, endpoints: list, resources: list[Resource],
                    proxies: list[Proxy], published: dict[str, ProxyParts],
-                   scopes: dict[str, PartSet]) -> None:
+                   scopes: dict[str, PartSet], reuse_local: bool) -> None:
         started = time.perf_counter()
         members: dict[str, list[Proxy]] = {}
         for proxy in proxies:
@@ -201,7 +209,9 @@ class Pilot:
             push = PushContext(services, endpoints, resources)
             new_scopes: dict[str, PartSet] = {}
             for group, group_proxies in sorted(members.items()):
-                parts = built[group] = build_proxy_parts(push, group_proxies[0], scopes)
+                old = published.get(group)
+                parts = built[group] = build_proxy_parts(
+                    push, group_proxies[0], scopes, old.local if reuse_local and old else None)
                 if parts.scope not in new_scopes:
                     new_scopes[parts.scope] = parts.shared
                     entries += _changes(SHARED_PREFIX + parts.scope + "/", parts.shared,
