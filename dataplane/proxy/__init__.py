@@ -1,0 +1,1 @@
+"""The sidecar proxy: Envoy's part in Istio's architecture."""
