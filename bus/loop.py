@@ -70,6 +70,11 @@ _EVENTS = int(zmq.EVENTS)  # plain ints: pyzmq's enum arithmetic costs microseco
 _POLLIN = int(zmq.POLLIN)
 
 
+def has_input(sock: zmq.Socket) -> bool:
+    """Whether a message waits on `sock` (ZMQ_EVENTS, without reading or raising)."""
+    return bool(sock.get(_EVENTS) & _POLLIN)
+
+
 def drain(sock: zmq.Socket, limit: int = 512, copy: bool = True) -> Iterator[list]:
     """The messages waiting on `sock`, at most `limit`. Asks ZMQ_EVENTS instead of waiting for
     zmq.Again: an exception per drained socket costs more than the message itself. A socket

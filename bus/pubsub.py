@@ -19,7 +19,7 @@ from bus.clone import Changed, CloneStore, CloneSubscriber, RequestSnapshot, Res
 from bus.envelope import DecodeError, Envelope
 from bus.keys import Keyring
 from bus.logs import BurstLog, Log
-from bus.loop import Loop, drain
+from bus.loop import Loop, drain, has_input
 from bus.metrics import GAPS, RECEIVED, REJECTED, RESNAPSHOTS, SENT
 from bus.monitor import Monitor
 from bus.security import secure_client, secure_server
@@ -351,6 +351,13 @@ class Subscriber:
             self._act(self.machine.on_snapshot(head, entries, time.monotonic(), valid))
 
     def _tick(self) -> None:
+        # A busy loop is not a silent publisher: read what is already queued before judging
+        # silence or a snapshot timeout (else a loop slowed by one re-sync makes its other
+        # subscribers re-sync too, and the re-syncs feed each other).
+        if has_input(self._sub):
+            self._on_sub()
+        if has_input(self._dealer):
+            self._on_dealer()
         self._act(self.machine.on_tick(time.monotonic()))
 
     def _act(self, actions: list) -> None:

@@ -72,7 +72,7 @@ def test_slow_joiners_lose_nothing(keydir, loops) -> None:
     # the publisher may still be signing the writer's backlog
     final = pub.loop.call_sync(lambda: {k: e.value() for k, e in pub.store.entries.items()}, timeout=60)
     for sub in subs:
-        assert wait_for(lambda sub=sub: sub.items() == final, timeout=10), sub.machine.phase
+        assert wait_for(lambda sub=sub: sub.items() == final, timeout=30), sub.machine.phase
 
 
 def test_a_forced_gap_is_detected_and_repaired(keydir, loops) -> None:
