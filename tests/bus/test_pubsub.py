@@ -110,7 +110,7 @@ def test_a_subscriber_past_its_high_water_mark_recovers_without_blocking_anyone(
     started = time.monotonic()
     for i in range(3000):
         pub.set("cfg/n", i)
-        pub.set(f"cfg/k{i % 50}", i)
+        pub.set(f"cfg/k{i % 50}", {"i": i, "pad": "x" * 2000})  # ~12 MB: past every buffer and HWM
         if i % 500 == 499:
             wait_for(lambda i=i: fast_seen and fast_seen[-1] == i, timeout=5)
     assert time.monotonic() - started < 1.5 + 5, "the publisher was held up"

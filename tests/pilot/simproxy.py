@@ -80,18 +80,19 @@ class SimProxy:
 
     def heartbeat(self) -> None:
         """Renew our lease; a pilot that no longer knows us (it restarted) gets us again."""
-        reply = self._rpc.call_wait("heartbeat", {"node": self.id})
-        if not reply.get("renewed"):
+        reply = self._rpc.call_wait("heartbeat", {"node": self.id, "ids": [self.id]})
+        if self.id in reply.get("missing", ()):
             self._rpc.call_wait("register", {**self.workload, "version": self.applied})
 
     def heartbeat_every(self, interval: float) -> None:
         """Renew from the loop on a timer, as a node agent does, without blocking anyone."""
         def renewed(reply: Any, error: Exception | None) -> None:
-            if error is None and not reply.get("renewed"):
+            if error is None and self.id in reply.get("missing", ()):
                 self._rpc.call("register", {**self.workload, "version": self.applied},
                                lambda _result, _error: None)
         self._heartbeats = self.loop.call_sync(lambda: self.loop.call_every(
-            interval, lambda: self._rpc.call("heartbeat", {"node": self.id}, renewed)), timeout=60)
+            interval, lambda: self._rpc.call("heartbeat", {"node": self.id, "ids": [self.id]}, renewed)),
+            timeout=60)
 
     def close(self) -> None:
         if self._heartbeats is not None:

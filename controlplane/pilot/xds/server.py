@@ -52,11 +52,13 @@ def resource_from_galley(value: dict[str, Any]) -> Resource:
 
 class Pilot:
     def __init__(self, loop: Loop, publisher: Publisher, debounce: Debouncer | None = None,
-                 stale_after: float = 5.0, lease: float = LEASE_SECONDS) -> None:
+                 stale_after: float = 5.0, lease: float = LEASE_SECONDS,
+                 citadel_name: str = "citadel") -> None:
         self.loop = loop
         self.publisher = publisher
         self.debounce = debounce or Debouncer()
         self.lease = lease
+        self.citadel_name = citadel_name
         self.registry = ServiceRegistry()
         self.status = StatusTracker(stale_after)
         self.log = Log("pilot")
@@ -100,7 +102,8 @@ class Pilot:
 
     def rpc_handlers(self) -> dict[str, Any]:
         return {"register": self._register, "heartbeat": self._heartbeat, "deregister": self._deregister,
-                "ack": self._ack, "nack": self._nack, "status": self._status, "config": self._config}
+                "ack": self._ack, "nack": self._nack, "status": self._status, "config": self._config,
+                "workloads": self._workloads}
 
     def _register(self, req: Request) -> dict[str, Any]:
         body = req.body or {}
@@ -109,7 +112,8 @@ class Pilot:
                     "ip": str(body.get("ip", "")), "labels": dict(body.get("labels") or {}),
                     "service_account": str(body.get("service_account", "default")),
                     "ports": dict(body.get("ports") or {})}
-        node = str(body.get("node") or req.peer or workload["id"])
+        # the node is the caller's CURVE identity, which it cannot forge; the body's only on ipc://
+        node = str(req.peer or body.get("node") or workload["id"])
         self.registry.registrations.register(workload, node, now, self.lease)
         self.status.known(workload["id"], now)
         if body.get("version"):  # what it already runs (after a pilot restart), as xDS version_info
@@ -121,12 +125,15 @@ class Pilot:
                 "version": self.group_versions.get(group, "")}
 
     def _heartbeat(self, req: Request) -> dict[str, Any]:
-        node = str((req.body or {}).get("node") or req.peer)
+        node = str(req.peer or (req.body or {}).get("node"))
         now = time.monotonic()
         renewed = self.registry.registrations.heartbeat(node, now)
         for wid in self.registry.registrations.of_node(node):  # contact, as proxy-status shows it
             self.status.known(wid, now)
-        return {"lease": self.lease, "renewed": renewed}  # 0: register again (pilot restarted)
+        # `missing`: those of the caller's `ids` pilot does not hold (it restarted): register them again
+        regs = self.registry.registrations
+        missing = [str(i) for i in (req.body or {}).get("ids") or () if regs.proxy(str(i)) is None]
+        return {"lease": self.lease, "renewed": renewed, "missing": missing}
 
     def _deregister(self, req: Request) -> dict[str, Any]:
         proxy_id = str((req.body or {})["id"])
@@ -147,6 +154,16 @@ class Pilot:
         self.log.warning("proxy rejected config", proxy=body.get("proxy"), version=body.get("version"),
                          error=body.get("error"))
         return {}
+
+    def _workloads(self, req: Request) -> list[dict[str, str]]:
+        """For citadel's node authorization: the identities registered on one node (citadel only:
+        a node agent must not learn what runs elsewhere)."""
+        if req.peer != self.citadel_name:
+            raise PermissionError(f"workloads is answered to {self.citadel_name} only, not {req.peer!r}")
+        regs = self.registry.registrations
+        proxies = [regs.proxy(wid) for wid in regs.of_node(str((req.body or {})["node"]))]
+        pairs = sorted({(p.namespace, p.service_account) for p in proxies if p is not None})
+        return [{"namespace": ns, "service_account": sa} for ns, sa in pairs]
 
     def _status(self, req: Request) -> list[dict[str, Any]]:
         return self.status.rows(time.monotonic())
