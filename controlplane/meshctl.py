@@ -8,6 +8,7 @@ from bus.cli import bus_group
 from controlplane.config.analyze_cli import analyze_command
 from controlplane.galley.cli import apply_command, galley_command, get_command
 from controlplane.pilot.cli import pilot_command, proxy_config_command, proxy_status_command
+from dataplane.init.cli import decider_command, iptables_command
 
 
 @click.group()
@@ -24,6 +25,8 @@ cli.add_command(get_command)
 cli.add_command(pilot_command)
 cli.add_command(proxy_status_command)
 cli.add_command(proxy_config_command)
+cli.add_command(iptables_command)
+cli.add_command(decider_command)
 
 
 def main() -> None:
