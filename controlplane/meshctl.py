@@ -9,6 +9,7 @@ from controlplane.config.analyze_cli import analyze_command
 from controlplane.galley.cli import apply_command, galley_command, get_command
 from controlplane.pilot.cli import pilot_command, proxy_config_command, proxy_status_command
 from dataplane.init.cli import decider_command, iptables_command
+from dataplane.proxy.cli import proxy_command
 
 
 @click.group()
@@ -27,6 +28,7 @@ cli.add_command(proxy_status_command)
 cli.add_command(proxy_config_command)
 cli.add_command(iptables_command)
 cli.add_command(decider_command)
+cli.add_command(proxy_command)
 
 
 def main() -> None:

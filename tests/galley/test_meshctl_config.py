@@ -72,7 +72,7 @@ def test_apply_and_get_through_etcd(etcd, tmp_path, istio_testdata) -> None:
 
 def test_galley_process_publishes_what_is_applied(tmp_path, keydir) -> None:
     config = tmp_path / "config"
-    env = {**os.environ, "ZMESH_PORT_BASE": str(21000 + os.getpid() % 2000 * 10)}
+    env = {**os.environ, "ZMESH_PORT_BASE": str(21000 + os.getpid() % 1000 * 10)}
     base = int(env["ZMESH_PORT_BASE"])
     proc = subprocess.Popen([MESHCTL, "galley", "--keys", str(keydir), "--name", "pilot",
                              "--config-dir", str(config), "--port-base", str(base)],

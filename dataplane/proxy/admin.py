@@ -1,0 +1,115 @@
+"""The proxy's admin (127.0.0.1:15000) and Prometheus (15090) endpoints, Envoy's paths.
+
+    GET  /config_dump        the config in force, its version, and the last rejected one
+    GET  /clusters           endpoints per cluster per worker: health, ejection, counters
+    GET  /stats              proxy stats, Envoy's `name: value` text (all workers summed)
+    GET  /stats/prometheus   Istio's metrics (also /metrics, and the whole of port 15090)
+    GET  /ready              200 once a config is applied and the proxy is not draining
+    POST /drain              stop accepting; keep-alive connections are closed as they idle
+    GET  /logging            the log level; POST /logging?level=debug changes it
+
+They run in the supervisor, which asks the workers over their control channels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from dataplane.proxy.stats import merge, merge_admin
+
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class AdminState:
+    """What the admin pages read; the supervisor updates it as configs are applied."""
+
+    def __init__(self, ask_workers: Callable[[dict[str, Any]], list[dict[str, Any]]], node_id: str) -> None:
+        self.ask_workers = ask_workers
+        self.node_id = node_id
+        self.version = ""
+        self.config: dict[str, Any] | None = None
+        self.applied_at = 0.0
+        self.rejected: dict[str, Any] | None = None
+        self.draining = False
+
+    def metrics(self) -> str:
+        return merge(r["snapshot"] for r in self.ask_workers({"op": "stats"}))
+
+
+def _handler(state: AdminState, admin: bool) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "zmesh-proxy"
+
+        def log_message(self, *_args: Any) -> None:  # scrapes every few seconds: not worth a line
+            pass
+
+        def _send(self, status: int, body: str, content_type: str = "text/plain; charset=utf-8") -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _json(self, value: Any, status: int = 200) -> None:
+            self._send(status, json.dumps(value, indent=2) + "\n", "application/json")
+
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            try:
+                if url.path in ("/stats/prometheus", "/metrics") or not admin:
+                    self._send(200, state.metrics(), PROMETHEUS)
+                elif url.path == "/config_dump":
+                    self._json({"node": state.node_id, "version": state.version,
+                                "applied_at": state.applied_at, "config": state.config,
+                                "last_rejected": state.rejected})
+                elif url.path == "/clusters":
+                    self._json([r["clusters"] for r in state.ask_workers({"op": "clusters"})])
+                elif url.path == "/stats":
+                    self._send(200, merge_admin(r["snapshot"] for r in state.ask_workers({"op": "stats"})))
+                elif url.path == "/ready":
+                    ready = bool(state.version) and not state.draining
+                    self._send(200 if ready else 503, "LIVE\n" if ready else
+                               ("DRAINING\n" if state.draining else "NO CONFIG\n"))
+                elif url.path == "/logging":
+                    self._send(200, f"level: {logging.getLevelName(logging.getLogger('zmesh').level)}\n")
+                else:
+                    self._send(404, "not found\n")
+            except Exception as exc:  # a worker that does not answer: say so, keep serving
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, f"{type(exc).__name__}: {exc}\n")
+
+        def do_POST(self) -> None:
+            if not admin:
+                self._send(405, "read only\n")
+                return
+            url = urlsplit(self.path)
+            if url.path == "/drain":
+                state.draining = True
+                state.ask_workers({"op": "drain"})
+                self._send(200, "OK\n")
+            elif url.path == "/logging":
+                level = (parse_qs(url.query).get("level") or [""])[0].upper()
+                if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                    self._send(400, "level must be one of debug, info, warning, error\n")
+                    return
+                logging.getLogger("zmesh").setLevel(level)
+                self._send(200, f"level: {level}\n")
+            else:
+                self._send(404, "not found\n")
+
+    return Handler
+
+
+def serve(state: AdminState, host: str, port: int, *, admin: bool) -> ThreadingHTTPServer:
+    """Start the admin (admin=True) or metrics-only server in a daemon thread."""
+    server = ThreadingHTTPServer((host, port), _handler(state, admin))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="admin" if admin else "metrics", daemon=True).start()
+    return server

@@ -1,0 +1,1797 @@
+"""The sidecar's L7 engine: Envoy's HTTP connection manager and router for HTTP/1.1, one
+`HttpConnection` per accepted downstream socket.
+
+Per request (pipelined ones are answered in order, one at a time): take `runtime.snapshot` (the
+request finishes on it even if a config swap replaces it meanwhile), route (outbound: the
+port's RouteConfig by Host; inbound: the inbound cluster), apply faults, redirects, direct
+responses, header operations and rewrites, pick the weighted cluster and an endpoint, respect
+the cluster's circuit breakers (503 UO), and forward over a pooled keep-alive connection
+(upstream.py), streaming bodies both ways. Retries follow the route's RetryPolicy (with Envoy's
+previous-hosts avoidance and the cluster's retry budget); a request that fails on a reused
+connection before any response byte is retried once more, transparently, as Envoy does for
+the keep-alive race. Every try is reported to the cluster for outlier detection; mirrors get
+a fire-and-forget copy (Host suffixed "-shadow"); a 101 (or a CONNECT 2xx) turns the
+connection into a tunnel.
+
+What it needs from the Runtime (dataplane.proxy.runtime): `reactor`, `snapshot` (`routes`,
+`clusters`, `config`), `stats`, `access_log`, `rng`, `draining`; it keeps its shared state
+(`HttpState`: pools, plans, live connections) on the runtime as `runtime.http`.
+
+Why it is shaped this way (the hot path is the point of this module):
+
+* The exchange state lives in the connection's slots, reset per request: no per-request objects
+  beyond what the codec returns, and fields only unusual requests touch are cleared only after
+  one (`rare`). Each upstream try is bound by pointing the upstream fd's reactor callback at this
+  connection (`set_callback`, no syscall); sockets are registered edge-triggered once, so steady
+  traffic makes no epoll_ctl calls at all.
+* What depends only on the route or the cluster (header operations as bytes, the resolved
+  cluster and its stats key, whether anything special applies) is computed once per route per
+  config (`_Plan`), and a connection remembers its last routing decision, so a keep-alive client
+  asking the same Host again skips routing. The usual request then costs one dict of its fields,
+  one list comprehension for the forwarded head and one write; a response read in one recv
+  (head, body, end) goes back in one write.
+* Back-pressure: a side is read only while what the proxy holds for its peer is under
+  MAX_BUFFER (a short write stops reading the other side until the EPOLLOUT edge), so a
+  connection holds at most that plus one read per direction, whatever the peers do. Request
+  bodies up to RETRY_BUFFER are kept for retries and mirrors; bigger ones stream and are not
+  retried. The rest of a large
+  Content-Length response body (SPLICE_MIN or more) moves socket to pipe to socket with splice,
+  never through Python (as tcp.py does for bulk L4 data).
+* Timers cost only when armed: a route timeout, a per-try timeout, a fault delay or a retry
+  back-off, and the header timeout only while a partial head is buffered. Idle keep-alive
+  connections and draining are handled by one sweep a second per worker (`HttpState`).
+
+Local replies carry Envoy's bodies and response flags (flags.py), keep the connection alive
+when the request was read whole, and close it otherwise. A bad request gets the codec's status
+and a close; a client that stalls mid-head gets 408 after `header_timeout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from functools import lru_cache
+from http import HTTPStatus
+from typing import Any
+
+from dataplane.proxy import routing, sockets
+from dataplane.proxy.cluster import CONNECT_FAILURE, RESET, TIMEOUT, Cluster, Endpoint
+from dataplane.proxy.flags import join as join_flags
+from dataplane.proxy.http.codec import (
+    CLOSED,
+    CONTINUE,
+    NEED_DATA,
+    Data,
+    EndOfMessage,
+    HTTPError,
+    Request,
+    RequestParser,
+    Response,
+    ResponseParser,
+    TunnelData,
+    error_response,
+    last_chunk,
+    valid_field,
+)
+from dataplane.proxy.http.upstream import OVERFLOW, PENDING, EndpointPool, UpstreamConn, Upstreams
+from dataplane.proxy.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
+from dataplane.proxy.stats import DESTINATION, SOURCE, Key, Workload
+
+READ_SIZE = 65536
+MAX_BUFFER = 65536  # bytes held for a peer before the proxy stops reading the other side
+RETRY_BUFFER = 65536  # request bodies up to this size are kept for retries and mirrors
+HEADER_TIMEOUT = 10.0  # a request head must arrive whole within this (408 otherwise)
+IDLE_TIMEOUT = 3600.0  # Envoy's default idle timeout for downstream keep-alive connections
+SHADOW_TIMEOUT = 15.0  # a mirrored request without a route timeout gives up after this
+LINGER = 2.0  # a closing connection drops what the client still sends for this long, then closes
+SWEEP_INTERVAL = 1.0
+SPLICE_MIN = 128 * 1024  # a response body with at least this much left goes through a pipe
+PIPE_SIZE = 256 * 1024  # as tcp.py's: a quarter of Envoy's 1 MiB buffer limit per direction
+_PIPE_MIN = 64 * 1024
+_PIPE_POOL_MAX = 64
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_splice = os.splice
+_pipes: list[tuple[int, int]] = []  # empty pipes of finished bodies, reused (per process)
+
+
+_MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+_IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
+_ENDING = EPOLLRDHUP | EPOLLHUP | EPOLLERR  # a FIN or reset waits behind the data: read until it shows
+_read = os.read
+_write = os.write
+
+# Request fields never forwarded as received: hop-by-hop ones, the framing we redo, what the proxy
+# answers itself (Expect) or sets per try.
+_REQ_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
+                       b"upgrade", b"expect", b"x-envoy-attempt-count", b"http2-settings"})
+_RESP_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
+                        b"upgrade"})
+_CONN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})  # Connection tokens naming no field
+
+# Envoy's local reply bodies
+NO_HEALTHY_UPSTREAM = b"no healthy upstream"
+RESET_BEFORE_HEADERS = b"upstream connect error or disconnect/reset before headers. reset reason: "
+TIMEOUT_BODY = b"upstream request timeout"
+FAULT_ABORT = b"fault filter abort"
+
+_FRAME_AS_IS, _FRAME_CHUNK, _FRAME_RAW, _FRAME_TUNNEL = 0, 1, 2, 3  # how a response body goes downstream
+_UNKNOWN_PEER = Workload()
+
+
+def _take_pipe() -> tuple[int, int] | None:
+    """An empty pipe, or None when the user's pipe quota only allows tiny ones (copy then)."""
+    if _pipes:
+        return _pipes.pop()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    if size < _PIPE_MIN:
+        os.close(r)
+        os.close(w)
+        return None
+    return r, w
+
+
+def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
+    if empty and len(_pipes) < _PIPE_POOL_MAX:
+        _pipes.append(pipe)
+    else:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+class _Headers(Mapping[str, str]):
+    """A request's fields as routing reads them (str names, repeated values joined with ","),
+    built on first use: most routes never look at a header."""
+
+    __slots__ = ("_fields", "_map")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self._fields = fields
+        self._map: dict[str, str] | None = None
+
+    def _dict(self) -> dict[str, str]:
+        m = self._map
+        if m is None:
+            m = self._map = {}
+            for name, value in self._fields:
+                k = name.decode("latin-1")
+                v = value.decode("latin-1")
+                m[k] = f"{m[k]},{v}" if k in m else v
+        return m
+
+    def __getitem__(self, name: str) -> str:
+        return self._dict()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._dict().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._dict()
+
+
+class _Ops:
+    """Istio header operations compiled to bytes: drop `remove` (which includes the names `set`
+    replaces), then append `add` (set values first, then added ones, as Envoy orders them)."""
+
+    __slots__ = ("add", "remove")
+
+    def __init__(self, ops: routing.HeaderOps) -> None:
+        pairs = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in (*ops.set, *ops.add)]
+        self.add = [b": ".join(p) for p in pairs if valid_field(*p)]
+        self.remove = frozenset([*(n.encode("latin-1") for n in ops.remove),
+                                 *(n.encode("latin-1") for n, _ in ops.set)])
+
+    def apply(self, fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [f for f in fields if f[0] not in self.remove] if self.remove else fields
+
+    @staticmethod
+    def then(first: _Ops | None, second: _Ops | None) -> _Ops | None:
+        """`first` applied, then `second`, as one set of operations."""
+        if first is None or second is None:
+            return first or second
+        merged = _Ops.__new__(_Ops)
+        merged.remove = first.remove | second.remove
+        merged.add = [a for a in first.add if a.partition(b":")[0] not in second.remove] + second.add
+        return merged
+
+
+def _ops(ops: routing.HeaderOps) -> _Ops | None:
+    return _Ops(ops) if ops else None
+
+
+class _Plan:
+    """What a route (or an inbound cluster) decides for every request, computed once per config.
+
+    `simple`: no redirect, direct response, fault, mirror, rewrite, header operation or weighted
+    split, so the request goes to `cluster` untouched (but for retries and timeouts).
+    """
+
+    __slots__ = ("at_end", "cluster", "direct", "fault", "keys", "mirrors", "name", "plain", "redirect",
+                 "req_ops", "resp_ops", "retry", "retry_min", "rewrite", "route", "simple", "target",
+                 "target_key", "timeout", "try_timeout", "wc_ops")
+
+    def __init__(self, route: routing.Route | None, cluster: str | None, name: str) -> None:
+        self.route = route
+        self.name = name
+        self.keys: dict[str, Key] = {}
+        self.wc_ops: dict[str, tuple[_Ops | None, _Ops | None]] = {}
+        # a simple plan's cluster, resolved on first use (plans live as long as their snapshot)
+        self.target: Cluster | None = None
+        self.target_key: Key | None = None
+        self.plain = False  # the target needs no hash key and is no passthrough
+        if route is None:
+            self.cluster = cluster
+            self.redirect = self.direct = self.fault = self.rewrite = self.retry = None
+            self.req_ops = self.resp_ops = None
+            self.mirrors: tuple[routing.Mirror, ...] = ()
+            self.timeout = self.try_timeout = 0.0
+            self.retry_min = 600
+            self.simple = True
+            self.at_end = False
+            return
+        self.redirect = route.redirect
+        self.direct = route.direct_response
+        self.fault = route.fault
+        self.mirrors = route.mirrors
+        self.rewrite = route.rewrite
+        self.retry = retry = route.retry
+        self.timeout = route.timeout_ms / 1000
+        self.try_timeout = retry.per_try_timeout_ms / 1000 if retry is not None else 0.0
+        # the lowest status worth asking the policy about: a 200 then costs one comparison
+        self.retry_min = 600 if retry is None else next(
+            (s for s in range(100, 600) if retry.should_retry(0, s)), 600)
+        self.req_ops = _ops(route.request_headers)
+        self.resp_ops = _ops(route.response_headers)
+        for wc in route.clusters:
+            if wc.request_headers or wc.response_headers:
+                self.wc_ops[wc.name] = (_ops(wc.request_headers), _ops(wc.response_headers))
+        self.cluster = route.clusters[0].name if len(route.clusters) == 1 else None
+        self.simple = not (self.redirect or self.direct or self.fault or self.mirrors or self.rewrite
+                           or self.req_ops or self.resp_ops or self.wc_ops or self.cluster is None)
+        self.at_end = bool(self.timeout or self.try_timeout or self.mirrors)  # work at the request's end
+
+
+class HttpState:
+    """What the HttpConnections of one runtime share: upstream pools, per-route plans and stats
+    keys (rebuilt lazily after a config swap), the live connections and their once-a-second sweep
+    (idle keep-alive timeout, draining)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.reactor: Reactor = runtime.reactor
+        self.upstreams = Upstreams(self.reactor, runtime.stats)
+        self.connections: set[HttpConnection] = set()
+        self.snapshot: Any = None
+        self.plans: dict[Any, _Plan] = {}
+        self.keys: dict[tuple[str, str, str], Key] = {}
+        self.original: dict[tuple[str, int], Endpoint] = {}
+        self._sweeper: Timer | None = None
+
+    def swap(self, snapshot: Any) -> None:
+        """A new config is in force: plans are rebuilt on demand, pools of gone endpoints closed."""
+        self.snapshot = snapshot
+        self.plans = {}
+        self.keys = {}
+        live = {ep for c in snapshot.clusters.values() for ep in c.endpoints}
+        live.update(self.original.values())
+        self.upstreams.prune(live)
+
+    def plan(self, route: routing.Route) -> _Plan:
+        plan = self.plans.get(route)
+        if plan is None:
+            plan = self.plans[route] = _Plan(route, None, route.name)
+        return plan
+
+    def inbound_plan(self, cluster: str) -> _Plan:
+        plan = self.plans.get(cluster)
+        if plan is None:
+            plan = self.plans[cluster] = _Plan(None, cluster, "inbound")
+        return plan
+
+    def key(self, reporter: str, route: str, cluster: Cluster | None) -> Key:
+        """The stats key of (route, cluster): the service is the cluster's (inbound: the service
+        the inbound listener serves on that port)."""
+        name = cluster.name if cluster is not None else ""
+        k = (reporter, route, name)
+        key = self.keys.get(k)
+        if key is None:
+            service = ""
+            if cluster is not None:
+                service = cluster.spec.get("service") or ""
+                if not service and reporter == DESTINATION:
+                    service = self._inbound_service(name)
+                service = service or name
+            key = self.keys[k] = self.runtime.stats.request_key(reporter, _UNKNOWN_PEER, service_host=service)
+        return key
+
+    def _inbound_service(self, cluster: str) -> str:
+        for listener in (self.snapshot.config.get("listeners") or {}).get("inbound") or ():
+            if listener.get("cluster") == cluster and listener.get("services"):
+                return listener["services"][0].get("service", "")
+        return ""
+
+    def original_endpoint(self, address: tuple[str, int]) -> Endpoint:
+        """The endpoint an ORIGINAL_DST (passthrough) cluster forwards to: where the client dialled."""
+        ep = self.original.get(address)
+        if ep is None:
+            ep = self.original[address] = Endpoint({"address": address[0], "port": address[1]})
+        return ep
+
+    def add(self, conn: HttpConnection) -> None:
+        self.connections.add(conn)
+        if self._sweeper is None:
+            self._sweeper = self.reactor.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.reactor.now
+        draining = self.runtime.draining
+        for conn in list(self.connections):
+            conn._check_idle(now, draining)
+        if self.connections:
+            self._sweeper = self.reactor.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def close_idle(self) -> None:
+        """Close every downstream connection between requests and every idle upstream one (drain)."""
+        for conn in list(self.connections):
+            if conn.req is None and conn.tunnel is None:
+                conn._close()
+        self.upstreams.close_all()
+
+
+def http_state(runtime: Any) -> HttpState:
+    """The runtime's shared L7 state, created on first use (kept as `runtime.http`)."""
+    state = getattr(runtime, "http", None)
+    if state is None:
+        state = runtime.http = HttpState(runtime)
+    return state
+
+
+def _reseed() -> None:
+    """A fresh random prefix for x-request-id: per process (re-drawn in forked workers)."""
+    global _rid_prefix, _rid_next
+    h = b"%020x" % random.SystemRandom().getrandbits(80)
+    _rid_prefix = b"%s-%s-4%s-%x%s-" % (h[:8], h[8:12], h[13:16], 8 | (h[16] & 3), h[17:20])
+    _rid_next = itertools.count(random.SystemRandom().getrandbits(40)).__next__
+
+
+_rid_prefix = b""
+_rid_next = itertools.count().__next__
+_reseed()
+os.register_at_fork(after_in_child=_reseed)
+
+
+def request_id() -> bytes:
+    """A UUID-shaped x-request-id (version 4 layout, as Envoy's): 74 random bits per process and a
+    48-bit counter, unique without a random draw per request."""
+    return b"%s%012x" % (_rid_prefix, _rid_next() & 0xFFFFFFFFFFFF)
+
+
+class HttpConnection:
+    """One accepted downstream HTTP/1.1 connection, and the request it is serving.
+
+    `direction` "outbound" routes by Host with `runtime.snapshot.routes[route_port]`; "inbound"
+    sends everything to `inbound_cluster` (the local app). `peer` and `local` are the client's
+    and the (original destination) local address; `initial` is what was read while sniffing.
+    """
+
+    __slots__ = (
+        "attempts", "body", "body_size", "c_auth", "c_plan", "c_snap", "closed", "closing", "cluster", "code",
+        "conn", "d_ending", "d_eof", "d_pending", "d_readable", "detail", "direction", "ep", "ep_live", "fd",
+        "flags", "hash_key", "hdict", "head", "head_timer", "header_timeout", "idle_timeout", "in_pump",
+        "inbound_cluster", "keep", "last", "linger_timer", "local", "local_str", "parser", "peer", "peer_str",
+        "pipe", "piped", "plan", "pool_wait", "race_retried", "rare", "reactor", "reporter", "req",
+        "req_bytes", "req_done", "resp", "resp_bytes", "resp_done", "resp_frame", "resp_head", "resp_ops",
+        "retries", "retry_held", "rid", "route_port", "route_timer", "rt", "sent_at", "skey", "snap", "sock",
+        "splice_left", "state", "t0", "tried", "try_timer", "tunnel", "up_cb", "up_ending", "up_got",
+        "up_pending", "up_queued", "up_readable", "wait_timer", "wall0",
+    )
+
+    def __init__(self, runtime: Any, sock: socket.socket, *, direction: str, route_port: str | None,
+                 inbound_cluster: str | None, peer: tuple[str, int], local: tuple[str, int],
+                 initial: bytes = b"", header_timeout: float = HEADER_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        if direction not in ("outbound", "inbound"):
+            raise ValueError(f"direction must be outbound or inbound, not {direction!r}")
+        self.rt = runtime
+        self.state = http_state(runtime)
+        self.reactor: Reactor = runtime.reactor
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.parser = RequestParser()
+        self.direction = direction
+        self.reporter = SOURCE if direction == "outbound" else DESTINATION
+        self.route_port = route_port
+        self.inbound_cluster = inbound_cluster if direction == "inbound" else None
+        self.peer = peer
+        self.local = local
+        self.peer_str = f"{peer[0]}:{peer[1]}"
+        self.local_str = f"{local[0]}:{local[1]}"
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.d_readable = self.d_ending = self.d_eof = False
+        self.d_pending = b""
+        self.closed = self.closing = self.in_pump = False
+        self.head_timer: Timer | None = None
+        self.linger_timer: Timer | None = None
+        self.tunnel: _Tunnel | None = None
+        self.last = self.reactor.now
+        self.up_cb = self._on_up
+        self.up_pending: list[bytes] = []
+        self.up_queued = 0
+        self.snap = self.plan = self.skey = self.hdict = self.ep = None
+        self.rid = self.head = b""
+        self.code = 0
+        self.keep = False
+        self.t0 = self.sent_at = self.wall0 = 0.0
+        self.c_auth: bytes | None = None  # the last routing decision, for the next request alike
+        self.c_snap: Any = None
+        self.c_plan: _Plan | None = None
+        self.rare = True
+        self._reset()
+        self.state.add(self)
+        self.reactor.register(self.fd, _MASK, self._on_down)
+        if initial:
+            self.parser.feed(initial)
+            self._pump_down()
+
+    def _reset(self) -> None:
+        """Clear the per-request state (between requests). What the next request always sets before
+        reading it (snapshot, plan, head, times...) is left; what only unusual requests touch is
+        cleared only after one (`rare`)."""
+        self.req = self.conn = self.resp = self.cluster = None
+        self.ep_live = self.req_done = self.resp_done = False
+        self.body: tuple[bytes, ...] | list[bytes] | None = ()
+        self.head = b""
+        self.body_size = self.req_bytes = self.resp_bytes = self.resp_head = self.attempts = 0
+        if self.rare:
+            self._reset_rare()
+
+    def _reset_rare(self) -> None:
+        self.rare = False
+        self.flags: tuple[str, ...] = ()
+        self.tried: tuple[Endpoint, ...] = ()
+        self.detail: str | None = None
+        self.hash_key: str | None = None
+        self.resp_ops: _Ops | None = None
+        self.resp_frame = _FRAME_AS_IS
+        self.route_timer: Timer | None = None
+        self.try_timer: Timer | None = None
+        self.wait_timer: Timer | None = None
+        self.pool_wait: EndpointPool | None = None
+        self.race_retried = False
+        self.retries = self.retry_held = 0
+        self.pipe: tuple[int, int] | None = None
+        self.piped = self.splice_left = 0
+
+    def _flag(self, flag: str, detail: str | None = None) -> None:
+        self.flags += (flag,)
+        self.rare = True
+        if detail is not None:
+            self.detail = detail
+
+    # --- downstream --------------------------------------------------------------------------
+
+    def _on_down(self, mask: int) -> None:
+        if mask & EPOLLOUT:
+            if self.d_pending:
+                self._flush_down()
+            elif self.pipe is not None:
+                self._splice_body()
+        if mask & _IN:
+            if mask & _ENDING:
+                self.d_ending = True
+            self.d_readable = True
+            self._read_down()
+
+    def _read_down(self) -> None:
+        parser = self.parser
+        fd = self.fd
+        while self.d_readable and not self.closed:
+            if self.req is not None and parser.buffered >= MAX_BUFFER:
+                return  # the request waits on its peer: resumed when the exchange moves on
+            try:
+                data = _read(fd, READ_SIZE)
+            except BlockingIOError:
+                self.d_readable = False
+                return
+            except OSError as e:
+                self.d_readable = False
+                self._down_broken(e)
+                return
+            if data:
+                if len(data) < READ_SIZE and not self.d_ending:
+                    self.d_readable = False  # a short read from a stream socket: it is drained
+                parser.feed(data)
+            else:
+                self.d_readable = False
+                self.d_eof = True
+                parser.feed_eof()
+            self._pump_down()
+
+    def _pump_down(self) -> None:
+        """Pull request events while the exchange can take them."""
+        if self.in_pump:
+            return
+        self.in_pump = True
+        parser = self.parser
+        try:
+            while not self.closing:
+                if self.req is None:
+                    ev = parser.next_event()
+                    if ev.__class__ is Request:
+                        if self.head_timer is not None:
+                            self.head_timer.cancel()
+                            self.head_timer = None
+                        self._on_head(ev)
+                        continue
+                    if ev is NEED_DATA:
+                        if self.head_timer is None and parser.buffered:  # a partial head: time it
+                            self.head_timer = self.reactor.call_later(self.header_timeout,
+                                                                      self._on_head_timeout)
+                    elif ev is CLOSED:
+                        self._close()
+                    return
+                if self.req_done or self.conn is None or self.up_queued >= MAX_BUFFER:
+                    return
+                ev = parser.next_event()
+                cls = ev.__class__
+                if cls is EndOfMessage:
+                    self._on_req_end(ev)
+                elif cls is Data:
+                    self._on_body(ev.data)
+                else:
+                    return  # NEED_DATA, or PAUSED after an upgrade request
+        except HTTPError as e:
+            self._bad_request(e)
+        finally:
+            self.in_pump = False
+
+    def _resume_down(self) -> None:
+        """Pull what the exchange can take now, then read on (outside a pump: that one goes on)."""
+        if self.in_pump:
+            return
+        self._pump_down()
+        if self.d_readable and not self.closed:
+            self._read_down()
+
+    def _send_down(self, data: bytes) -> None:
+        if self.d_pending:
+            self.d_pending += data
+            return
+        try:
+            n = _write(self.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self._down_broken(e)
+            return
+        if n < len(data):
+            self.d_pending = data[n:]
+
+    def _flush_down(self) -> None:
+        data = self.d_pending
+        try:
+            n = _write(self.fd, data)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._down_broken(e)
+            return
+        self.d_pending = data[n:]
+        if self.d_pending:
+            return
+        if self.tunnel is not None:
+            self.tunnel.resume_up()
+        elif self.closing and self.req is None:
+            self._linger()
+        elif self.conn is not None and self.up_readable:
+            self._read_up()
+
+    def _on_head_timeout(self) -> None:
+        self.head_timer = None
+        if self.req is None and not self.closed:
+            self._send_down(error_response(408, "request header timeout"))
+            self._close_after_flush()
+
+    def _check_idle(self, now: float, draining: bool) -> None:
+        """The sweep: close a keep-alive connection idle too long (or any idle one when draining)."""
+        if self.tunnel is not None:
+            if now - self.last >= self.idle_timeout:
+                self.tunnel.close()
+        elif self.req is None and not self.closing and self.head_timer is None and (
+                draining or now - self.last >= self.idle_timeout):
+            self._close()
+
+    def _bad_request(self, err: HTTPError) -> None:
+        """The codec refused the client's bytes: its status, then close."""
+        if self.req is None:
+            self._send_down(error_response(err.status, err.reason))
+            self._close_after_flush()
+        elif self.resp is None:
+            self._drop_upstream(report=True)
+            self._flag("DPE", err.reason)
+            self._local_reply(err.status, err.reason.encode(), close=True)
+        else:
+            self._flag("DPE", err.reason)
+            self._abort_downstream()
+
+    def _down_broken(self, _err: OSError) -> None:
+        """The client reset or vanished: abandon the exchange (flag DC) and close."""
+        if self.req is not None:
+            self._flag("DC")
+        self._close()
+
+    def _close_after_flush(self) -> None:
+        self.closing = True
+        if not self.d_pending:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then read and drop until the client closes (or LINGER passes), so the
+        kernel does not answer its last bytes with a reset that would destroy our response."""
+        if self.closed or self.linger_timer is not None:
+            return
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        self.linger_timer = self.reactor.call_later(LINGER, self._close)
+        self.reactor.set_callback(self.fd, self._on_linger)
+        self._on_linger(EPOLLIN)
+
+    def _on_linger(self, mask: int) -> None:
+        if not mask & _IN:
+            return
+        while True:
+            try:
+                data = _read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close()
+                return
+
+    def _close(self) -> None:
+        """Close now; a request still in progress is accounted (with what flags it has) first."""
+        if self.closed:
+            return
+        self.closed = True
+        for timer in (self.head_timer, self.linger_timer):
+            if timer is not None:
+                timer.cancel()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            self.state.upstreams.close(tunnel.conn)
+        if self.req is not None:
+            self._account()
+        self.reactor.unregister(self.fd)
+        self.reactor.call_soon(self.sock.close)  # after this batch: the fd number is not reused meanwhile
+        self.state.connections.discard(self)
+
+    # --- request ------------------------------------------------------------------------------
+
+    def _on_head(self, req: Request) -> None:
+        """A request head: route it and start forwarding (or answer it locally)."""
+        rt = self.rt
+        self.req = req
+        self.t0 = self.reactor.now
+        if rt.access_log.enabled:
+            self.wall0 = time.time()
+        snap = rt.snapshot
+        self.snap = snap
+        self.hdict = dict(req.headers)
+        authority = req.host or self.local_str.encode()
+        if authority == self.c_auth and snap is self.c_snap:
+            plan = self.c_plan  # a keep-alive client asks the same host again: same route
+        else:
+            plan = self._plan(req, snap, authority)
+            if plan is None:
+                return
+        self.plan = plan
+        cluster = plan.target
+        if cluster is None or not plan.plain or cluster.ejected or req.expect_continue:
+            if plan.simple:
+                self._route_to(plan.cluster, None, req.target, authority)
+            else:
+                self._special(req, plan, authority)
+            return
+        # the usual request: a plain cluster already resolved for this plan, an idle connection
+        self.skey = plan.target_key
+        if not cluster.pool.requests.try_acquire():
+            self._flag("UO")
+            self._local_reply(503, RESET_BEFORE_HEADERS + b"overflow")
+            return
+        self.cluster = cluster
+        self.head = self._request_head(req, req.target, authority, None)
+        self._attempt(cluster.pick())
+
+    def _plan(self, req: Request, snap: Any, authority: bytes) -> _Plan | None:
+        """Route by Host (and the route's conditions); None after answering 404 (no route)."""
+        state = self.state
+        if snap is not state.snapshot:
+            state.swap(snap)
+        if self.inbound_cluster is not None:
+            plan = state.inbound_plan(self.inbound_cluster)
+        else:
+            rc = snap.routes.get(self.route_port)
+            vh = rc.select_virtual_host(authority.decode("latin-1")) if rc is not None else None
+            if vh is not None and vh.routes and not vh.routes[0].conditions:
+                plan = state.plan(vh.routes[0])
+            else:  # no host, or a route that depends on more than the host: nothing to remember
+                self.c_snap = None
+                route = vh.match(self._routing_request(req, authority)) if vh is not None else None
+                if route is None:
+                    self.skey = state.key(self.reporter, "", None)
+                    self._flag("NR")
+                    self._local_reply(404)
+                    return None
+                return state.plan(route)
+        self.c_auth = authority
+        self.c_snap = snap
+        self.c_plan = plan
+        return plan
+
+    def _route_to(self, name: str, ops: _Ops | None, path: bytes, authority: bytes) -> None:
+        """Resolve the cluster (and its stats key), take the request budget, build the upstream
+        head, start the first try."""
+        req = self.req
+        plan = self.plan
+        cluster = plan.target  # only a simple plan's, which `name` is
+        if cluster is None:
+            cluster = self.snap.clusters.get(name)
+            if cluster is None:
+                self.skey = self.state.key(self.reporter, plan.name, None)
+                self._flag("NC")
+                self._local_reply(503)
+                return
+            key = plan.keys.get(name)
+            if key is None:
+                key = plan.keys[name] = self.state.key(self.reporter, plan.name, cluster)
+            if plan.simple:
+                plan.target = cluster
+                plan.target_key = key
+                plan.plain = cluster.hash_policy is None and not cluster.original_destination
+            self.skey = key
+        else:
+            self.skey = plan.target_key
+        if not cluster.pool.requests.try_acquire():
+            self._flag("UO")
+            self._local_reply(503, RESET_BEFORE_HEADERS + b"overflow")
+            return
+        self.cluster = cluster  # from here on, _account releases the request budget
+        if cluster.hash_policy is not None:
+            self.rare = True
+            self.hash_key = cluster.hash_policy.key(
+                _Headers(req.headers), self.peer[0], routing.parse_query(path.decode("latin-1")))
+        self.head = self._request_head(req, path, authority, ops)
+        if req.expect_continue and (req.content_length or req.chunked):
+            self._send_down(CONTINUE)  # Envoy's default: answer 100 here, not forward Expect
+        self._attempt(None)
+
+    def _routing_request(self, req: Request, authority: bytes) -> routing.Request:
+        return routing.Request(req.method.decode("latin-1"), req.target.decode("latin-1"),
+                               authority.decode("latin-1"), _Headers(req.headers))
+
+    def _special(self, req: Request, plan: _Plan, authority: bytes) -> None:
+        """The slow path of routing: direct responses, redirects, faults, the weighted pick,
+        rewrites and header operations."""
+        rng = self.rt.rng
+        if plan.direct is not None:
+            self.skey = self.state.key(self.reporter, plan.name, None)
+            self._local_reply(plan.direct.status, plan.direct.body.encode())
+            return
+        if plan.redirect is not None:
+            self.skey = self.state.key(self.reporter, plan.name, None)
+            location = plan.redirect.location(self._routing_request(req, authority))
+            self._local_reply(plan.redirect.code, b"", [b"location: " + location.encode("latin-1")])
+            return
+        name = plan.route.pick_cluster(rng.random()).name
+        path = req.target
+        if plan.rewrite is not None:
+            path = plan.rewrite.path(path.decode("latin-1")).encode("latin-1")
+            if plan.rewrite.authority:
+                authority = plan.rewrite.authority.encode("latin-1")
+        wc_req, wc_resp = plan.wc_ops.get(name, (None, None))
+        self.rare = True
+        self.resp_ops = _Ops.then(wc_resp, plan.resp_ops)
+        ops = _Ops.then(wc_req, plan.req_ops)
+        if plan.fault is not None:
+            fault = plan.fault.decide(rng.random(), rng.random())
+            if fault.delay_ms:
+                self._flag("DI")
+            if fault.http_status is not None or fault.grpc_status is not None:
+                self.skey = self.state.key(self.reporter, plan.name, self.snap.clusters.get(name))
+                self._fault_abort(fault)
+                return
+            if fault.delay_ms:
+                self.wait_timer = self.reactor.call_later(
+                    fault.delay_ms / 1000, lambda: self._delayed(name, ops, path, authority))
+                return
+        self._route_to(name, ops, path, authority)
+
+    def _delayed(self, name: str, ops: _Ops | None, path: bytes, authority: bytes) -> None:
+        self.wait_timer = None
+        if self.req is not None and not self.closed:
+            self._route_to(name, ops, path, authority)
+
+    def _fault_abort(self, fault: routing.Fault) -> None:
+        self._flag("FI")
+        if fault.http_status is not None:
+            self._local_reply(fault.http_status, FAULT_ABORT)
+        else:
+            self._local_reply(200, b"", [b"content-type: application/grpc",
+                                         b"grpc-status: %d" % fault.grpc_status,
+                                         b"grpc-message: fault filter abort"])
+
+    def _request_head(self, req: Request, path: bytes, authority: bytes, ops: _Ops | None) -> bytes:
+        """The head sent upstream: hop-by-hop fields out, Envoy's x-forwarded-proto and
+        x-request-id in, framing as the body will be sent."""
+        hdict = self.hdict
+        fields = req.headers
+        conn_tokens = req.connection
+        if conn_tokens and not _CONN_TOKENS.issuperset(conn_tokens):
+            drop = _REQ_DROP.union(conn_tokens)
+            fields = [f for f in fields if f[0] not in drop]
+        elif not _REQ_DROP.isdisjoint(hdict):
+            fields = [f for f in fields if f[0] not in _REQ_DROP]
+        if ops is not None:
+            fields = ops.apply(fields)
+        if authority is not req.host:
+            fields = [f for f in fields if f[0] != b"host"]
+            fields.append((b"host", authority))
+        lines = [b": ".join(f) for f in fields]
+        if ops is not None:
+            lines += ops.add
+        if b"x-forwarded-proto" not in hdict:
+            lines.append(b"x-forwarded-proto: http")
+        rid = hdict.get(b"x-request-id")
+        if rid is None:
+            rid = request_id()
+            lines.append(b"x-request-id: " + rid)
+        self.rid = rid
+        if req.chunked:
+            lines.append(b"transfer-encoding: chunked")
+        if req.upgrade is not None or req.method == b"CONNECT":
+            self.rare = True  # the response may switch protocols: _framing and _resp_end look
+            if req.upgrade is not None:
+                lines.append(b"connection: upgrade")
+                lines.append(b"upgrade: " + req.upgrade)
+        return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (req.method, path, b"\r\n".join(lines))
+
+    def _on_body(self, data: bytes) -> None:
+        n = len(data)
+        self.req_bytes += n
+        if self.req.chunked:
+            data = b"%x\r\n%s\r\n" % (n, data)
+        body = self.body
+        if body is not None:
+            if self.body_size + len(data) <= RETRY_BUFFER:
+                if body.__class__ is tuple:
+                    self.body = [data]
+                else:
+                    body.append(data)
+                self.body_size += len(data)
+            else:
+                self.body = None  # too big to keep: this request will not be retried or mirrored
+        self._send_up(data)
+
+    def _on_req_end(self, ev: EndOfMessage) -> None:
+        self.req_done = True
+        req = self.req
+        if req.chunked:
+            tail = last_chunk(ev.trailers)
+            if self.body is not None:
+                self.body = [*self.body, tail]
+            self._send_up(tail)
+        if self.plan.at_end:
+            self._timed_and_mirrored()
+
+    def _timed_and_mirrored(self) -> None:
+        """At the end of the request: start the route and per-try timeouts, fire mirrors."""
+        plan = self.plan
+        reactor = self.reactor
+        self.rare = True
+        if plan.mirrors and self.body is not None:
+            self._mirror()
+        if plan.timeout and self.route_timer is None:
+            self.route_timer = reactor.call_later(plan.timeout, self._on_route_timeout)
+        if plan.try_timeout and self.conn is not None and self.try_timer is None:
+            self.try_timer = reactor.call_later(plan.try_timeout, self._on_try_timeout)
+
+    # --- upstream tries -------------------------------------------------------------------------
+
+    def _attempt(self, ep: Endpoint | None) -> None:
+        """Start a try on `ep` (None: pick one, avoiding earlier ones on retries), get a connection
+        (an idle one at once, else a new or a queued one), and send."""
+        cluster = self.cluster
+        if ep is None:
+            if cluster.original_destination:
+                ep = self.state.original_endpoint(self.local)
+            else:
+                if cluster.ejected:
+                    cluster.tick(self.reactor.now * 1000)
+                ep = cluster.pick(self.hash_key, self.tried)
+            if ep is None:
+                self._flag("UH")
+                self._local_reply(503, NO_HEALTHY_UPSTREAM)
+                return
+        pool = self.state.upstreams.pools.get(ep)
+        if pool is not None and pool.idle and pool.limits is cluster.pool:
+            conn = pool.idle.pop()
+            conn.owner = self
+        else:
+            ups = self.state.upstreams
+            pool = ups.pool(cluster, ep)
+            conn = ups.acquire(pool, self)
+            if conn is OVERFLOW:
+                self._flag("UO")
+                self._local_reply(503, RESET_BEFORE_HEADERS + b"overflow")
+                return
+        cluster.start(ep)
+        self.ep = ep
+        self.ep_live = True
+        self.attempts += 1
+        if conn is PENDING:
+            self.rare = True
+            self.pool_wait = pool
+        else:
+            self._bind(conn)
+
+    def _retry_now(self) -> None:
+        self.wait_timer = None
+        if self.req is not None and not self.closed:
+            self._attempt(None)
+
+    def upstream_ready(self, conn: UpstreamConn) -> None:
+        """A pending try got its connection (from upstream.py)."""
+        self.pool_wait = None
+        self._bind(conn)
+
+    def _bind(self, conn: UpstreamConn) -> None:
+        """Send this try's head (and the body kept so far) on `conn`."""
+        self.conn = conn
+        self.up_got = self.up_readable = self.up_ending = False
+        conn.parser.request_sent(self.req.method)
+        head = self.head
+        if self.attempts > 1:
+            head = head[:-2] + b"x-envoy-attempt-count: %d\r\n\r\n" % self.attempts
+        if self.body:
+            head = b"".join([head, *self.body])
+        self.sent_at = self.reactor.now
+        if conn.connected:
+            self.reactor.set_callback(conn.fd, self.up_cb)
+            try:
+                n = _write(conn.fd, head)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._up_write_failed()
+                return
+            if n < len(head):
+                self.up_pending.append(head[n:])
+                self.up_queued += len(head) - n
+        else:
+            self.up_pending.append(head)
+            self.up_queued += len(head)
+        if self.req_done:
+            if self.plan.try_timeout and self.try_timer is None:
+                self.rare = True
+                self.try_timer = self.reactor.call_later(self.plan.try_timeout, self._on_try_timeout)
+        elif not self.in_pump:
+            self._resume_down()
+
+    def upstream_connected(self, conn: UpstreamConn) -> None:
+        self.reactor.set_callback(conn.fd, self.up_cb)
+        if self.up_pending:
+            self._flush_up()
+
+    def upstream_failed(self, conn: UpstreamConn, detail: str) -> None:
+        if conn is self.conn:
+            self.conn = None
+            self._try_failed(CONNECT_FAILURE, "UF", detail)
+
+    def _send_up(self, data: bytes) -> None:
+        conn = self.conn
+        if self.up_pending or not conn.connected:
+            self.up_pending.append(data)
+            self.up_queued += len(data)
+            return
+        try:
+            n = _write(conn.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._up_write_failed()
+            return
+        if n < len(data):
+            self.up_pending.append(data[n:])
+            self.up_queued += len(data) - n
+
+    def _flush_up(self) -> None:
+        conn = self.conn
+        pending = self.up_pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        try:
+            n = _write(conn.fd, data)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._up_write_failed()
+            return
+        pending.clear()
+        if n < len(data):
+            pending.append(data[n:])
+            self.up_queued = len(data) - n
+            return
+        self.up_queued = 0
+        if not self.req_done:
+            self._resume_down()
+
+    def _up_write_failed(self) -> None:
+        """The server stopped reading: what it sent before (an early response, or its FIN/reset)
+        tells what happened, so read it."""
+        self.up_pending.clear()
+        self.up_queued = 0
+        self.up_readable = True
+        if not self.d_pending:
+            self._read_up()
+
+    def _on_up(self, mask: int) -> None:
+        if mask & EPOLLOUT and self.up_pending:
+            self._flush_up()
+        if mask & _IN and self.conn is not None:
+            if self.pipe is not None:
+                self._splice_body()
+                return
+            if mask & _ENDING:
+                self.up_ending = True
+            self.up_readable = True
+            if not self.d_pending:
+                self._read_up()
+
+    def _read_up(self) -> None:
+        """Read the upstream while the client takes what it sends (back-pressure otherwise)."""
+        conn = self.conn
+        fd = conn.fd
+        parser = conn.parser
+        while True:
+            try:
+                data = _read(fd, READ_SIZE)
+            except BlockingIOError:
+                self.up_readable = False
+                return
+            except OSError as e:
+                self.up_readable = False
+                self._up_broken(RESET, "UR", "upstream_" + sockets.errno_name(e.errno or 0))
+                return
+            if data:
+                self.up_got = True
+                if len(data) < READ_SIZE and not self.up_ending:
+                    self.up_readable = False
+                parser.feed(data)
+            else:
+                self.up_readable = False
+                parser.feed_eof()
+            if not self._pump_up(conn, not data) or not self.up_readable or self.d_pending:
+                return
+
+    def _pump_up(self, conn: UpstreamConn, eof: bool) -> bool:
+        """Turn the upstream's bytes into the client's; False when this try is over."""
+        next_event = conn.parser.next_event
+        out: list[bytes] = []
+        while True:
+            try:
+                ev = next_event()
+            except HTTPError as e:
+                if out:
+                    self._send_down(b"".join(out))
+                if eof and self.resp is not None:
+                    self._up_broken(RESET, "UC", "upstream_connection_termination")
+                else:
+                    self._up_broken(RESET, "UPE", "upstream_protocol_error: " + e.reason, protocol=True)
+                return False
+            cls = ev.__class__
+            if cls is Data:
+                data = ev.data
+                self.resp_bytes += len(data)
+                out.append(data if self.resp_frame != _FRAME_CHUNK else b"%x\r\n%s\r\n" % (len(data), data))
+            elif cls is Response:
+                if ev.status >= 200 or ev.status == 101:  # 100 Continue was answered here; other 1xx dropped
+                    head = self._response_head(ev)
+                    if head is None:
+                        return False  # retried
+                    out.append(head)
+            elif cls is EndOfMessage:
+                if self.resp_frame == _FRAME_CHUNK:
+                    out.append(last_chunk(ev.trailers))
+                if out:
+                    self._send_down(out[0] if len(out) == 1 else b"".join(out))
+                if not self.closed:
+                    self._resp_end(conn)
+                return False
+            elif ev is NEED_DATA:
+                break
+            else:  # CLOSED: the server closed with no response on this try
+                self._up_broken(RESET, "UC", "upstream_connection_termination")
+                return False
+        if out:
+            self._send_down(out[0] if len(out) == 1 else b"".join(out))
+        resp = self.resp
+        if (resp is not None and resp.content_length is not None
+                and resp.content_length - self.resp_bytes >= SPLICE_MIN and not self.d_pending):
+            return not self._start_splice(conn, resp.content_length - self.resp_bytes)
+        return not self.closed
+
+    def _start_splice(self, conn: UpstreamConn, left: int) -> bool:
+        """Move the rest of a large Content-Length body socket to socket through a pipe (no copy
+        through Python); True when switched. The codec never sees those bytes, so the connection
+        gets a fresh parser: nothing else is pending on it (requests are not pipelined upstream)."""
+        if self.resp_frame != _FRAME_AS_IS or conn.parser.buffered or self.closed:
+            return False
+        pipe = _take_pipe()
+        if pipe is None:
+            return False
+        self.rare = True
+        self.pipe = pipe
+        self.splice_left = left
+        conn.parser = ResponseParser()
+        self._splice_body()
+        return True
+
+    def _splice_body(self) -> None:
+        """Upstream -> pipe -> client until the body is through; waits on whichever side is not ready."""
+        r, w = self.pipe
+        conn = self.conn
+        while True:
+            if self.piped:
+                try:
+                    n = _splice(r, self.fd, self.piped, None, None, _SPLICE_FLAGS)
+                except BlockingIOError:
+                    return  # the client is full: its EPOLLOUT edge resumes
+                except OSError as e:
+                    self._down_broken(e)
+                    return
+                self.piped -= n
+                if self.piped:
+                    return
+            left = self.splice_left
+            if not left:
+                break
+            try:
+                n = _splice(conn.fd, w, min(left, PIPE_SIZE), None, None, _SPLICE_FLAGS)
+            except BlockingIOError:
+                return  # drained: the upstream's next EPOLLIN edge resumes
+            except OSError as e:
+                self._up_broken(RESET, "UR", "upstream_" + sockets.errno_name(e.errno or 0))
+                return
+            if not n:
+                self._up_broken(RESET, "UC", "upstream_connection_termination")
+                return
+            self.splice_left = left - n
+            self.piped += n
+            self.resp_bytes += n
+        _give_pipe(self.pipe, True)
+        self.pipe = None
+        self._resp_end(conn)
+
+    def _response_head(self, resp: Response) -> bytes | None:
+        """The head sent downstream: hop-by-hop fields out, framing redone for the client,
+        x-envoy-upstream-service-time in. None: the status earned a retry instead."""
+        status = resp.status
+        plan = self.plan
+        if self.rare and self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if status >= plan.retry_min and self._retry_allowed(status, None):
+            self._report(status=status)
+            self._drop_upstream()
+            self._schedule_retry()
+            return None
+        self.resp = resp
+        self.code = status
+        req = self.req
+        conn_tokens = resp.connection
+        drop = _RESP_DROP.union(conn_tokens) if conn_tokens and not _CONN_TOKENS.issuperset(conn_tokens) \
+            else _RESP_DROP
+        fields = resp.headers
+        ops = self.resp_ops
+        if ops is not None:
+            fields = ops.apply(fields)
+        lines = [b": ".join(f) for f in fields if f[0] not in drop]
+        if ops is not None:
+            lines += ops.add
+        lines.append(b"x-envoy-upstream-service-time: %d" % ((self.reactor.now - self.sent_at) * 1000))
+        if self.attempts > 1:
+            lines.append(b"x-envoy-attempt-count: %d" % self.attempts)
+        keep = req.keep_alive and self.req_done and not self.rt.draining
+        if resp.content_length is None or status == 101 or self.rare:
+            keep = self._framing(resp, req, lines, keep)
+        if not keep:
+            lines.append(b"connection: close")
+        elif req.version == b"1.0":
+            lines.append(b"connection: keep-alive")
+        self.keep = keep
+        head = b"HTTP/1.1 %d %s\r\n%s\r\n\r\n" % (status, resp.reason, b"\r\n".join(lines))
+        self.resp_head = len(head)
+        return head
+
+    def _framing(self, resp: Response, req: Request, lines: list[bytes], keep: bool) -> bool:
+        """How the body reaches the client when the upstream did not give a Content-Length (or
+        switched protocols); returns whether the connection stays open after it."""
+        status = resp.status
+        self.rare = True
+        if status == 101 or (status < 300 and req.method == b"CONNECT"):
+            self.resp_frame = _FRAME_TUNNEL
+            lines.append(b"connection: upgrade")
+            if resp.upgrade is not None:
+                lines.append(b"upgrade: " + resp.upgrade)
+            return True
+        if resp.content_length is not None:
+            return keep
+        if req.method == b"HEAD" or status == 204 or status == 304:
+            if resp.chunked:
+                lines.append(b"transfer-encoding: chunked")
+            return keep
+        if req.version == b"1.1":
+            self.resp_frame = _FRAME_CHUNK  # chunked upstream, or read-until-close: chunked for the client
+            lines.append(b"transfer-encoding: chunked")
+            return keep
+        self.resp_frame = _FRAME_RAW  # an HTTP/1.0 client: the end of the body is our close
+        return False
+
+    def _resp_end(self, conn: UpstreamConn) -> None:
+        """The response is complete: give the connection back (or tunnel), account, go on."""
+        self.conn = None
+        if self.rare:
+            if self.try_timer is not None:
+                self.try_timer.cancel()
+                self.try_timer = None
+            if self.resp_frame == _FRAME_TUNNEL:
+                self._report(status=self.code)
+                if self.req_done and (self.req.upgrade is not None or self.req.method == b"CONNECT"):
+                    self.tunnel = _Tunnel(self, conn)
+                else:  # switched when nothing asked for it, or before the request ended
+                    self.state.upstreams.close(conn)
+                    self._abort_downstream()
+                return
+        self._report(self.code)
+        self.state.upstreams.release(conn, self.resp.keep_alive and self.req_done and not self.up_pending)
+        self.resp_done = True
+        if not self.keep:
+            self.closing = True
+        self._finish()
+
+    def _report(self, status: int | None = None, failure: str | None = None) -> None:
+        """End the try for the cluster in force (the endpoint is the same object if it survived
+        a swap), for least-request balancing and outlier detection."""
+        if not self.ep_live:
+            return
+        self.ep_live = False
+        cluster = self.cluster
+        snap = self.rt.snapshot
+        if snap is not self.snap:
+            cluster = snap.clusters.get(cluster.name, cluster)
+        cluster.finish(self.ep, self.reactor.now * 1000, status, failure)
+
+    def _drop_upstream(self, report: bool = False) -> None:
+        """Close this try's connection (mid-exchange it cannot be reused) or leave the queue."""
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            self.state.upstreams.close(conn)
+        if self.pool_wait is not None:
+            self.state.upstreams.cancel(self.pool_wait, self)
+            self.pool_wait = None
+        self.up_pending.clear()
+        self.up_queued = 0
+        if report:
+            self._report()
+
+    def _up_broken(self, failure: str, flag: str, detail: str, protocol: bool = False) -> None:
+        """The connection failed (reset, EOF, protocol error) before the response was complete."""
+        if self.resp is not None:  # mid-response: the client's response cannot be completed
+            self._flag(flag, detail)
+            self._drop_upstream()
+            self._report(failure=failure)
+            self._abort_downstream()
+        elif protocol:
+            self._flag(flag, detail)
+            self._drop_upstream()
+            self._report(status=502)
+            self._local_reply(502, RESET_BEFORE_HEADERS + b"protocol error")
+        else:
+            self._try_failed(failure, flag, detail)
+
+    def _try_failed(self, failure: str, flag: str, detail: str) -> None:
+        """A try ended without a response: retry (the keep-alive race, or the policy) or answer."""
+        conn = self.conn
+        reused = conn is not None and conn.reused and not self.up_got
+        self._drop_upstream()
+        self.rare = True
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        self._report(failure=failure)
+        self.detail = detail
+        if reused and not self.race_retried and self.body is not None and failure == RESET:
+            self.race_retried = True  # the server closed a kept-alive connection as we sent: once more
+            self.attempts -= 1  # not a retry: the request never reached the server
+            self._attempt(None)
+            return
+        if self._retry_allowed(None, failure):
+            self._schedule_retry()
+            return
+        self._flag(flag)
+        if failure == TIMEOUT:
+            self._local_reply(504, TIMEOUT_BODY)
+        elif failure == CONNECT_FAILURE:
+            self._local_reply(503, RESET_BEFORE_HEADERS + b"connection failure, transport failure reason: "
+                              + detail.encode())
+        else:
+            self._local_reply(503, RESET_BEFORE_HEADERS + b"connection termination")
+
+    def _retry_allowed(self, status: int | None, failure: str | None) -> bool:
+        retry = self.plan.retry
+        if retry is None or self.body is None:
+            return False
+        if not retry.should_retry(self.retries, status, failure):
+            if self.retries and self.retries >= retry.attempts and retry.should_retry(0, status, failure):
+                self._flag("URX")
+            return False
+        if not self.retry_held:
+            if not self.cluster.pool.retries.try_acquire():
+                self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_retry_overflow"))
+                return False
+            self.rare = True
+            self.retry_held = 1
+        return True
+
+    def _schedule_retry(self) -> None:
+        self.rare = True
+        self.retries += 1
+        self.tried += (self.ep,)
+        self.resp = None
+        self.code = 0
+        self.resp_bytes = self.resp_head = 0
+        self.resp_frame = _FRAME_AS_IS
+        self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_retry"))
+        delay = self.plan.retry.backoff_ms(self.retries, self.rt.rng.random())
+        self.wait_timer = self.reactor.call_later(delay / 1000, self._retry_now)
+
+    def _on_try_timeout(self) -> None:
+        self.try_timer = None
+        if self.req is not None and self.conn is not None and self.resp is None:
+            self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_per_try_timeout"))
+            self._try_failed(TIMEOUT, "UT", "per_try_timeout")
+
+    def _on_route_timeout(self) -> None:
+        self.route_timer = None
+        if self.req is None or self.resp_done:
+            return
+        self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_timeout"))
+        self._flag("UT")
+        self._drop_upstream()
+        self._report(failure=TIMEOUT)
+        if self.wait_timer is not None:
+            self.wait_timer.cancel()
+            self.wait_timer = None
+        if self.resp is not None:
+            self._abort_downstream()
+        else:
+            self._local_reply(504, TIMEOUT_BODY)
+
+    # --- endings ---------------------------------------------------------------------------------
+
+    def _local_reply(self, status: int, body: bytes = b"", fields: list[bytes] | None = None,
+                     close: bool = False) -> None:
+        """Answer the current request from the proxy (no upstream response was or will be sent)."""
+        self.code = status
+        req = self.req
+        if not self.req_done and not close:
+            self._skip_body()
+        keep = req.keep_alive and self.req_done and not close and not self.rt.draining
+        lines = [b"content-length: %d" % len(body)]
+        if body:
+            lines.append(b"content-type: text/plain")
+        if fields:
+            lines += fields
+        if not keep:
+            lines.append(b"connection: close")
+        elif req.version == b"1.0":
+            lines.append(b"connection: keep-alive")
+        data = b"HTTP/1.1 %d %s\r\n%s\r\n\r\n%s" % (status, _reason(status), b"\r\n".join(lines), body)
+        self.resp_head = len(data) - len(body)
+        self.resp_bytes = len(body)
+        self.resp_done = True
+        if not keep:
+            self.closing = True
+        self._send_down(data)
+        self._finish()
+
+    def _skip_body(self) -> None:
+        """Drop the rest of a locally answered request's body, as far as it is already here."""
+        if self.req.expect_continue:
+            return  # the client waits for a 100 that will not come: the connection closes instead
+        parser = self.parser
+        try:
+            while True:
+                ev = parser.next_event()
+                if ev.__class__ is Data:
+                    self.req_bytes += len(ev.data)
+                elif ev.__class__ is EndOfMessage:
+                    self.req_done = True
+                    return
+                else:
+                    return
+        except HTTPError:
+            return
+
+    def _abort_downstream(self) -> None:
+        """The response cannot be completed: account and close the client's connection."""
+        self._account()
+        self._close()
+
+    def _finish(self) -> None:
+        """The exchange is over: account, then serve the next (pipelined) request or close."""
+        self._account()
+        if self.closing:
+            self._close_after_flush()
+        elif not self.in_pump:
+            if self.d_eof or self.parser.buffered:  # a pipelined request, or the client's FIN, waits
+                self._pump_down()
+            if self.d_readable and not self.closed:
+                self._read_down()
+
+    def _account(self) -> None:
+        """Stats and access log for the current request, then clear it."""
+        req = self.req
+        if req is None:
+            return
+        if self.rare:
+            self._cancel_timers()
+            if self.pipe is not None:  # a body abandoned halfway through the pipe
+                _give_pipe(self.pipe, not self.piped)
+                self.pipe = None
+            if self.retry_held:
+                self.cluster.pool.retries.release()
+            if req.upgrade is not None or req.method == b"CONNECT":
+                with contextlib.suppress(RuntimeError):
+                    self.parser.resume()  # the upgrade was refused (or failed): HTTP goes on
+        if self.conn is not None or self.ep_live or self.pool_wait is not None:
+            self._drop_upstream(report=True)
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.pool.requests.release()
+        rt = self.rt
+        now = self.reactor.now
+        flags = join_flags(self.flags) if self.flags else "-"
+        duration = (now - self.t0) * 1000
+        if self.skey is not None:
+            rt.stats.record_request(self.skey, self.code, flags, duration, len(self.head) + self.req_bytes,
+                                    self.resp_head + self.resp_bytes)
+        if rt.access_log.enabled:
+            self._log(req, flags, duration)
+        self.last = now
+        self._reset()
+
+    def _log(self, req: Request, flags: str, duration: float) -> None:
+        hdict = self.hdict
+        ep = self.ep
+        cluster = self.cluster
+        self.rt.access_log.log(
+            start_time=self.wall0, method=req.method, path=req.target,
+            protocol="HTTP/1.1" if req.version == b"1.1" else "HTTP/1.0", response_code=self.code,
+            response_flags=flags, bytes_received=self.req_bytes, bytes_sent=self.resp_bytes,
+            duration_ms=duration, upstream_service_time=None, x_forwarded_for=hdict.get(b"x-forwarded-for"),
+            user_agent=hdict.get(b"user-agent"), request_id=self.rid or None, authority=req.host,
+            upstream_host=ep.key if ep is not None and self.attempts else None,
+            upstream_cluster=cluster.name if cluster is not None else None,
+            downstream_remote_address=self.peer_str, downstream_local_address=self.local_str,
+            route_name=self.plan.name if self.plan is not None else None,
+            upstream_transport_failure_reason=self.detail)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self.route_timer, self.try_timer, self.wait_timer):
+            if timer is not None:
+                timer.cancel()
+        self.route_timer = self.try_timer = self.wait_timer = None
+
+    # --- mirrors ---------------------------------------------------------------------------------
+
+    def _mirror(self) -> None:
+        """Fire-and-forget copies to the route's sampled mirrors, Host suffixed with -shadow."""
+        rng = self.rt.rng
+        for mirror in self.plan.mirrors:
+            if not mirror.sampled(rng.random()):
+                continue
+            cluster = self.snap.clusters.get(mirror.cluster)
+            if cluster is None:
+                continue
+            _Shadow(self.state, cluster, self.req.method, b"".join([_shadow_head(self.head), *self.body]),
+                    self.plan.timeout or SHADOW_TIMEOUT)
+
+
+@lru_cache(maxsize=64)
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _shadow_head(head: bytes) -> bytes:
+    """`head` with its Host value suffixed "-shadow" (before a port), as Envoy's mirror policy does."""
+    start = head.find(b"\r\nhost: ") + 8
+    end = head.find(b"\r\n", start)
+    host = head[start:end]
+    name, colon, port = host.rpartition(b":")
+    shadow = name + b"-shadow:" + port if colon and port.isdigit() else host + b"-shadow"
+    return head[:start] + shadow + head[end:]
+
+
+class _Shadow:
+    """One mirrored request: sent on the mirror cluster's pool, its response read and dropped."""
+
+    __slots__ = ("cluster", "conn", "data", "ep", "keep", "method", "state", "timer")
+
+    def __init__(self, state: HttpState, cluster: Cluster, method: bytes, data: bytes,
+                 timeout: float) -> None:
+        self.state = state
+        self.cluster = cluster
+        self.method = method
+        self.data = data
+        self.conn: UpstreamConn | None = None
+        self.timer: Timer | None = None
+        self.keep = False
+        self.ep = ep = cluster.pick()
+        if ep is None:
+            return
+        ups = state.upstreams
+        pool = ups.pool(cluster, ep)
+        conn = ups.acquire(pool, self)
+        if conn is PENDING:  # a mirror never waits for a connection
+            ups.cancel(pool, self)
+        if conn is PENDING or conn is OVERFLOW:
+            self.ep = None
+            return
+        cluster.start(ep)
+        self.timer = state.reactor.call_later(timeout, lambda: self._done(TIMEOUT))
+        self.upstream_ready(conn)
+
+    def upstream_ready(self, conn: UpstreamConn) -> None:
+        self.conn = conn
+        conn.parser.request_sent(self.method)
+        if conn.connected:
+            self.upstream_connected(conn)
+
+    def upstream_connected(self, conn: UpstreamConn) -> None:
+        self.state.reactor.set_callback(conn.fd, self._on_event)
+        try:
+            n = _write(conn.fd, self.data)
+        except OSError:
+            n = -1
+        if n != len(self.data):  # best effort: no buffering for a slow mirror
+            self._done(RESET)
+
+    def upstream_failed(self, conn: UpstreamConn, detail: str) -> None:
+        self.conn = None
+        self._done(CONNECT_FAILURE)
+
+    def _on_event(self, mask: int) -> None:
+        conn = self.conn
+        if conn is None or not mask & _IN:
+            return
+        parser = conn.parser
+        while self.conn is not None:
+            try:
+                data = _read(conn.fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                parser.feed(data)
+            else:
+                parser.feed_eof()
+            try:
+                while True:
+                    ev = parser.next_event()
+                    if ev.__class__ is Response:
+                        self.keep = ev.keep_alive
+                    elif ev.__class__ is EndOfMessage:
+                        self._done(None)
+                        return
+                    elif ev is NEED_DATA:
+                        break
+                    elif ev is CLOSED:
+                        self._done(RESET)
+                        return
+            except HTTPError:
+                self._done(RESET)
+                return
+            if not data:
+                return
+
+    def _done(self, failure: str | None) -> None:
+        conn, self.conn = self.conn, None
+        ups = self.state.upstreams
+        if conn is not None:
+            if failure is None:
+                ups.release(conn, self.keep)
+            else:
+                ups.close(conn)
+        if self.ep is not None:
+            self.cluster.finish(self.ep, self.state.reactor.now * 1000, failure=failure)
+            self.ep = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class _Tunnel:
+    """Bytes both ways after a 101 (or a CONNECT 2xx), under the same back-pressure rule: a way
+    holds at most one read while its destination is full."""
+
+    __slots__ = ("conn", "down", "owner", "up")
+
+    def __init__(self, owner: HttpConnection, conn: UpstreamConn) -> None:
+        self.owner = owner
+        self.conn = conn
+        reactor = owner.reactor
+        owner.parser.start_tunnel()
+        self.down = _Way(owner.fd, conn.sock, conn.fd)  # client -> upstream
+        self.up = _Way(conn.fd, owner.sock, owner.fd)  # upstream -> client
+        leftover_up = _drain(conn.parser)
+        leftover_down = _drain(owner.parser)
+        reactor.set_callback(owner.fd, self._on_down)
+        reactor.set_callback(conn.fd, self._on_up)
+        if leftover_up:
+            self.up.moved += len(leftover_up)
+            owner._send_down(leftover_up)  # behind the 101 head, which may still be pending
+        try:
+            if leftover_down:
+                self.down.send(leftover_down)
+        except OSError:
+            self.close()
+            return
+        # unread bytes may wait in either kernel buffer, and their edges have passed
+        self.down.readable = self.up.readable = True
+        self.pump()
+
+    def _on_down(self, mask: int) -> None:
+        owner = self.owner
+        try:
+            if mask & EPOLLOUT:
+                if owner.d_pending:
+                    owner._flush_down()  # resumes the tunnel when done
+                elif self.up.pending:
+                    self.up.flush()
+            if mask & _IN:
+                self.down.readable = True
+        except OSError:
+            self.close()
+            return
+        self.pump()
+
+    def _on_up(self, mask: int) -> None:
+        try:
+            if mask & EPOLLOUT and self.down.pending:
+                self.down.flush()
+            if mask & _IN:
+                self.up.readable = True
+        except OSError:
+            self.close()
+            return
+        self.pump()
+
+    def resume_up(self) -> None:
+        self.pump()
+
+    def pump(self) -> None:
+        owner = self.owner
+        if owner.tunnel is not self:
+            return
+        scratch = owner.reactor.scratch_view
+        try:
+            if not owner.d_pending:
+                self.up.move(scratch)
+            self.down.move(scratch)
+        except OSError:
+            self.close()
+            return
+        owner.last = owner.reactor.now
+        if self.down.done and self.up.done:
+            self.close()
+
+    def close(self) -> None:
+        """Either side is done or broken: account the upgraded request and close both."""
+        owner = self.owner
+        if owner.tunnel is not self:
+            return
+        owner.req_bytes += self.down.moved
+        owner.resp_bytes += self.up.moved
+        owner.resp_done = True
+        owner._account()
+        owner._close()  # closes self.conn too
+
+
+class _Way:
+    """One direction of a tunnel: read `src_fd`, write `dst`."""
+
+    __slots__ = ("done", "dst", "dst_fd", "eof", "moved", "pending", "readable", "src_fd")
+
+    def __init__(self, src_fd: int, dst: socket.socket, dst_fd: int) -> None:
+        self.src_fd = src_fd
+        self.dst = dst
+        self.dst_fd = dst_fd
+        self.pending = b""
+        self.readable = self.eof = self.done = False
+        self.moved = 0
+
+    def send(self, data: bytes) -> None:
+        self.moved += len(data)
+        try:
+            n = _write(self.dst_fd, data)
+        except BlockingIOError:
+            n = 0
+        self.pending = data[n:]
+
+    def flush(self) -> None:
+        try:
+            n = _write(self.dst_fd, self.pending)
+        except BlockingIOError:
+            return
+        self.pending = self.pending[n:]
+        if not self.pending and self.eof:
+            self._finish()
+
+    def move(self, scratch: memoryview) -> None:
+        size = len(scratch)
+        while self.readable and not self.pending and not self.eof:
+            try:
+                n = os.readv(self.src_fd, [scratch])
+            except BlockingIOError:
+                self.readable = False
+                return
+            if not n:
+                self.eof = True
+                self.readable = False
+                self._finish()
+                return
+            self.send(scratch[:n].tobytes())
+            if n < size:
+                self.readable = False
+
+    def _finish(self) -> None:
+        """The source said FIN and all is written: pass the FIN on."""
+        if not self.pending and not self.done:
+            self.done = True
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+
+
+def _drain(parser: Any) -> bytes:
+    """What a parser switched to tunnel mode still buffers."""
+    out = []
+    while True:
+        ev = parser.next_event()
+        if ev.__class__ is not TunnelData:
+            return b"".join(out)
+        out.append(ev.data)

@@ -1,0 +1,264 @@
+"""Upstream HTTP/1.1 connections of the sidecar, pooled per (cluster, endpoint) as Envoy's HTTP/1 pools.
+
+One `Upstreams` per worker runtime holds an `EndpointPool` per cluster `Endpoint` (the object a
+config swap carries over when the endpoint survives, so its pool and keep-alive connections do
+too). An owner (a downstream request, or a mirror) holds one connection for one request at a time:
+
+* `pool.idle` is a LIFO stack of keep-alive connections: the most recently used one is the one
+  most likely still open on the server and still warm in its caches. Taking one costs a list pop;
+  `Upstreams.acquire` opens a new one (non-blocking, under the cluster's connect timeout and its
+  `max_connections` budget, which counts a connection until it closes), or queues the owner as
+  a pending request under `http1_max_pending_requests`; past both: OVERFLOW (Envoy's breakers).
+* Every connection is registered edge-triggered for IN|OUT|RDHUP once; an owner takes it over by
+  `Reactor.set_callback` (no syscall), and an idle one points at `_on_idle`: any event on an idle
+  connection means the server closed it (or sent bytes nobody asked for), so it is discarded
+  before a request can be sent into the race. The race that remains (the server closes just as
+  a request goes out) is the owner's to retry: `conn.reused` tells it the connection had served.
+* `release(conn, reusable)` returns a connection after its response (honouring the cluster's
+  max_requests_per_connection) and hands it straight to the first pending owner, if any.
+* Idle connections are closed after the cluster's idle timeout (Istio's `idleTimeout`, 1 h by
+  default) by one sweep a second while any is idle, not by a timer per request.
+
+The owner protocol: `upstream_connected(conn)` once a new connection is up (the owner then
+points the fd at its own handler), `upstream_failed(conn, detail)` when the connect fails or
+times out (the pool has already closed it), and `upstream_ready(conn)` when a pending owner gets
+a connection (an idle one, or a new one that will report `upstream_connected`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from collections import deque
+from typing import Any, Protocol
+
+from dataplane.proxy import sockets
+from dataplane.proxy.cluster import Cluster, ConnectionPool, Endpoint
+from dataplane.proxy.http.codec import ResponseParser
+from dataplane.proxy.reactor import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
+from dataplane.proxy.stats import Stats
+
+MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's default upstream idle timeout, which Istio keeps
+SWEEP_INTERVAL = 1.0
+PENDING = "pending"  # acquire(): queued; the owner's upstream_ready() follows
+OVERFLOW = "overflow"  # acquire(): a circuit breaker is open (503, flag UO)
+
+
+class Owner(Protocol):
+    def upstream_connected(self, conn: UpstreamConn) -> None: ...
+    def upstream_failed(self, conn: UpstreamConn, detail: str) -> None: ...
+    def upstream_ready(self, conn: UpstreamConn) -> None: ...
+
+
+class UpstreamConn:
+    """One connection to an endpoint; `parser` is kept for its whole life (keep-alive)."""
+
+    __slots__ = ("_idle_cb", "closed", "connected", "fd", "idle_since", "owner", "parser", "pool", "reused",
+                 "served", "sock", "timer", "upstreams")
+
+    def __init__(self, upstreams: Upstreams, pool: EndpointPool, sock: socket.socket) -> None:
+        self.upstreams = upstreams
+        self.pool = pool
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.parser = ResponseParser()
+        self.owner: Owner | None = None
+        self.connected = False
+        self.closed = False
+        self.reused = False  # served a request before: a failure before any response byte may be a race
+        self.served = 0
+        self.idle_since = 0.0
+        self.timer: Timer | None = None
+        self._idle_cb = self._on_idle
+
+    def _on_connect(self, mask: int) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.upstreams._connect_failed(self, sockets.errno_name(err))
+        elif mask & EPOLLOUT:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.connected = True
+            owner = self.owner
+            if owner is not None:
+                owner.upstream_connected(self)
+
+    def _on_idle(self, _mask: int) -> None:
+        """An idle connection is readable: the server closed it, or broke the protocol. Either way
+        it cannot carry a request any more."""
+        self.upstreams.close(self)
+
+
+class EndpointPool:
+    """The connections of one cluster endpoint, with the cluster's limits (updated on swaps)."""
+
+    __slots__ = ("address", "cluster", "idle", "idle_timeout", "limits", "max_requests", "open", "waiters")
+
+    def __init__(self, cluster: Cluster, ep: Endpoint) -> None:
+        self.address = (ep.address, ep.port)
+        self.idle: list[UpstreamConn] = []
+        self.waiters: deque[Owner] = deque()
+        self.open = 0
+        self.update(cluster)
+
+    def update(self, cluster: Cluster) -> None:
+        self.cluster = cluster.name
+        self.limits: ConnectionPool = cluster.pool
+        self.max_requests = cluster.pool.max_requests_per_connection or 1 << 62
+        http = (cluster.spec.get("connection_pool") or {}).get("http") or {}
+        idle_ms = http.get("idle_timeout_ms")
+        self.idle_timeout = idle_ms / 1000 if idle_ms else DEFAULT_IDLE_TIMEOUT
+
+
+class Upstreams:
+    """A worker's upstream connection pools (one reactor, not thread-safe)."""
+
+    def __init__(self, reactor: Reactor, stats: Stats | None = None) -> None:
+        self.reactor = reactor
+        self.stats = stats
+        self.pools: dict[Endpoint, EndpointPool] = {}
+        self._sweeper: Timer | None = None
+
+    def pool(self, cluster: Cluster, ep: Endpoint) -> EndpointPool:
+        """The pool of `ep` in `cluster` (kept across config swaps while the Endpoint object lives)."""
+        pool = self.pools.get(ep)
+        if pool is None:
+            pool = self.pools[ep] = EndpointPool(cluster, ep)
+        elif pool.limits is not cluster.pool:
+            pool.update(cluster)
+        return pool
+
+    def acquire(self, pool: EndpointPool, owner: Owner) -> UpstreamConn | str:
+        """An idle connection, else a new one (connecting), else PENDING or OVERFLOW."""
+        idle = pool.idle
+        if idle:
+            conn = idle.pop()
+            conn.owner = owner
+            return conn
+        limits = pool.limits
+        if limits.connections.try_acquire():
+            return self._connect(pool, owner)
+        if limits.pending.try_acquire():
+            pool.waiters.append(owner)
+            self._count(pool, "upstream_rq_pending_total")
+            return PENDING
+        self._count(pool, "upstream_rq_pending_overflow")
+        return OVERFLOW
+
+    def cancel(self, pool: EndpointPool, owner: Owner) -> None:
+        """Take a pending owner out of the queue (it timed out or went away)."""
+        with contextlib.suppress(ValueError):
+            pool.waiters.remove(owner)
+            pool.limits.pending.release()
+
+    def _connect(self, pool: EndpointPool, owner: Owner) -> UpstreamConn:
+        """A new connection, its budget already taken; failures are reported asynchronously."""
+        sock, err = sockets.connect(pool.address)
+        conn = UpstreamConn(self, pool, sock)
+        conn.owner = owner
+        pool.open += 1
+        self._count(pool, "upstream_cx_total")
+        reactor = self.reactor
+        if err and err != errno.EINPROGRESS:
+            reactor.call_soon(lambda: self._connect_failed(conn, sockets.errno_name(err)))
+            return conn
+        reactor.register(conn.fd, MASK, conn._on_connect)
+        conn.timer = reactor.call_later(pool.limits.connect_timeout_ms / 1000,
+                                        lambda: self._connect_failed(conn, "connect_timeout"))
+        return conn
+
+    def _connect_failed(self, conn: UpstreamConn, detail: str) -> None:
+        if conn.closed:
+            return
+        self._count(conn.pool, "upstream_cx_connect_fail")
+        owner = conn.owner
+        self.close(conn)
+        if owner is not None:
+            owner.upstream_failed(conn, detail)
+
+    def release(self, conn: UpstreamConn, reusable: bool) -> None:
+        """The owner is done with `conn`: keep it for the next request, or close it."""
+        conn.owner = None
+        conn.served += 1
+        pool = conn.pool
+        if not reusable or conn.closed or conn.served >= pool.max_requests or conn.parser.buffered:
+            self.close(conn)
+            return
+        conn.reused = True
+        self.reactor.set_callback(conn.fd, conn._idle_cb)  # until an owner points it at itself
+        if pool.waiters:
+            owner = pool.waiters.popleft()
+            pool.limits.pending.release()
+            conn.owner = owner
+            owner.upstream_ready(conn)
+            return
+        conn.idle_since = self.reactor.now
+        pool.idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.reactor.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def close(self, conn: UpstreamConn) -> None:
+        """Close `conn` (idempotent) and let a pending owner have the connection budget it frees."""
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.owner = None
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        pool = conn.pool
+        with contextlib.suppress(ValueError):
+            pool.idle.remove(conn)
+        reactor = self.reactor
+        reactor.unregister(conn.fd)
+        reactor.call_soon(conn.sock.close)  # after this batch: no new fd reuses the number meanwhile
+        pool.open -= 1
+        pool.limits.connections.release()
+        if pool.waiters and pool.limits.connections.try_acquire():
+            owner = pool.waiters.popleft()
+            pool.limits.pending.release()
+            owner.upstream_ready(self._connect(pool, owner))
+
+    def _sweep(self) -> None:
+        """Close idle connections past their idle timeout; runs while any connection is idle."""
+        self._sweeper = None
+        now = self.reactor.now
+        any_idle = False
+        for pool in list(self.pools.values()):
+            idle = pool.idle
+            if not idle:
+                continue
+            limit = now - pool.idle_timeout
+            for conn in [c for c in idle if c.idle_since <= limit]:
+                self.close(conn)
+            any_idle = any_idle or bool(idle)
+        if any_idle:
+            self._sweeper = self.reactor.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def prune(self, live: set[Endpoint]) -> None:
+        """Forget pools of endpoints no config uses any more: close their idle connections."""
+        for ep, pool in list(self.pools.items()):
+            if ep in live:
+                continue
+            for conn in list(pool.idle):
+                self.close(conn)
+            if not pool.open and not pool.waiters:
+                del self.pools[ep]
+
+    def close_all(self) -> None:
+        """Close every idle connection (shutdown); connections in use close with their owners."""
+        for pool in self.pools.values():
+            for conn in list(pool.idle):
+                self.close(conn)
+
+    def _count(self, pool: EndpointPool, stat: str) -> None:
+        if self.stats is not None:
+            self.stats.inc(("cluster", pool.cluster, stat))
+
+    def state(self) -> list[dict[str, Any]]:
+        """Per endpoint pool: open, idle and pending counts (for the admin page and tests)."""
+        return [{"cluster": p.cluster, "address": f"{p.address[0]}:{p.address[1]}", "open": p.open,
+                 "idle": len(p.idle), "pending": len(p.waiters)} for p in self.pools.values()]

@@ -1,0 +1,162 @@
+"""One proxy worker process: a reactor, the listeners, and the control channel to its supervisor.
+
+Workers share the listening ports with SO_REUSEPORT, so the kernel spreads connections
+over them; each applies every config it is sent on its own (compiling it, keeping its
+clusters' outlier state across the swap) and answers whether it could.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from bus.logs import Log
+from dataplane.proxy import accesslog, sockets
+from dataplane.proxy.control import FrameError, FrameReader, frame
+from dataplane.proxy.listeners import INBOUND_PORT, OUTBOUND_PORT, SidecarListener
+from dataplane.proxy.reactor import EPOLLIN, Reactor
+from dataplane.proxy.runtime import ConfigError, Runtime
+from dataplane.proxy.stats import Stats, Workload
+
+TICK = 1.0  # outlier un-ejection, access-log flush
+
+
+@dataclass
+class WorkerOptions:
+    node_id: str
+    workload: Workload
+    mode: str = "transparent"            # or "explicit"
+    outbound_port: int = OUTBOUND_PORT
+    inbound_port: int = INBOUND_PORT
+    bind: str = "0.0.0.0"
+    explicit_host: str = "127.0.0.1"
+    access_log: bool = True
+    mark: int = 0
+
+
+def _http_factory() -> Any:
+    from dataplane.proxy.http.server import HttpConnection
+    return HttpConnection
+
+
+class Worker:
+    def __init__(self, index: int, ctrl: socket.socket, opts: WorkerOptions) -> None:
+        self.index = index
+        self.ctrl = ctrl
+        self.opts = opts
+        self.log = Log("proxy.worker", proxy=opts.node_id, worker=index)
+        self.reactor = Reactor()
+        self.runtime = Runtime(self.reactor, Stats(opts.workload), accesslog.create(opts.access_log),
+                               opts.node_id)
+        self.http = _http_factory()
+        self.listeners: dict[Any, SidecarListener] = {}
+        self._reader = FrameReader()
+        if opts.mode == "transparent":
+            self._listen(("out",), opts.bind, opts.outbound_port, "outbound", None)
+            self._listen(("in",), opts.bind, opts.inbound_port, "inbound", None)
+        ctrl.setblocking(False)
+        self.reactor.register(ctrl.fileno(), EPOLLIN, self._on_ctrl)
+        self._tick()
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.reactor.stop())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+        self.reactor.run()
+        self.runtime.access_log.flush()
+
+    def _listen(self, key: Any, host: str, port: int, direction: str, explicit_port: int | None) -> None:
+        try:
+            sock = sockets.listener(host, port)
+        except OSError as exc:
+            self.log.error("cannot listen", address=f"{host}:{port}", error=str(exc))
+            return
+        self.listeners[key] = SidecarListener(self.runtime, sock, direction, explicit_port=explicit_port,
+                                              http_factory=self.http, mark=self.opts.mark)
+
+    def _sync_explicit(self) -> None:
+        """Explicit mode: one loopback listener per outbound service port in the config."""
+        wanted = {("port", port) for port in self.runtime.snapshot.outbound}
+        for key in set(self.listeners) - wanted:
+            self.listeners.pop(key).close()
+        for key in sorted(wanted - set(self.listeners)):
+            self._listen(key, self.opts.explicit_host, key[1], "outbound", key[1])
+
+    def _tick(self) -> None:
+        now_ms = self.reactor.now * 1000
+        for cluster in self.runtime.snapshot.clusters.values():
+            cluster.tick(now_ms)
+        self.runtime.access_log.tick(self.reactor.now)
+        self.reactor.call_later(TICK, self._tick)
+
+    # control -------------------------------------------------------------------------------
+    def _on_ctrl(self, _mask: int) -> None:
+        while True:
+            try:
+                data = self.ctrl.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the supervisor is gone: so are we
+                self.reactor.stop()
+                return
+            try:
+                messages = self._reader.feed(data)
+            except FrameError as exc:
+                self.log.error("bad control frame", error=str(exc))
+                self.reactor.stop()
+                return
+            for message in messages:
+                self._reply(self._handle(message))
+
+    def _handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message["op"]
+        if op == "config":
+            config = message.get("config") or {}
+            version = str(config.get("version", ""))
+            try:
+                self.runtime.apply(config)
+            except ConfigError as exc:
+                return {"op": "rejected", "version": version, "error": str(exc)}
+            if self.opts.mode == "explicit":
+                self._sync_explicit()
+            return {"op": "applied", "version": version}
+        if op == "stats":
+            return {"op": "stats", "snapshot": self.runtime.stats.snapshot()}
+        if op == "clusters":
+            return {"op": "clusters", "clusters": {name: c.state() for name, c in
+                                                   self.runtime.snapshot.clusters.items()}}
+        if op == "drain":
+            self.runtime.draining = True
+            for listener in self.listeners.values():
+                listener.close()
+            self.listeners.clear()
+            return {"op": "draining"}
+        return {"op": "error", "error": f"unknown op {op!r}"}
+
+    def _reply(self, message: dict[str, Any]) -> None:
+        data = frame(message)
+        self.ctrl.setblocking(True)  # replies are small and the supervisor waits for them
+        try:
+            self.ctrl.sendall(data)
+        except OSError:
+            self.reactor.stop()
+        finally:
+            with contextlib.suppress(OSError):
+                self.ctrl.setblocking(False)
+
+
+def run_worker(index: int, ctrl: socket.socket, opts: WorkerOptions) -> None:
+    """Entry point in the forked child; never returns."""
+    code = 0
+    try:
+        Worker(index, ctrl, opts).run()
+    except Exception:
+        Log("proxy.worker", proxy=opts.node_id, worker=index).error("worker crashed", exc_info=True)
+        code = 1
+    finally:
+        os._exit(code)
