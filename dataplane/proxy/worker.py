@@ -78,12 +78,20 @@ class Worker:
                                               http_factory=self.http, mark=self.opts.mark)
 
     def _sync_explicit(self) -> None:
-        """Explicit mode: one loopback listener per outbound service port in the config."""
-        wanted = {("port", port) for port in self.runtime.snapshot.outbound}
+        """Explicit mode: one loopback listener per outbound service port in the config, and,
+        when the workload serves exactly one port, the inbound port standing for it (a peer
+        sidecar in explicit mode sends there; without iptables nothing else tells the port)."""
+        snapshot = self.runtime.snapshot
+        wanted: set[Any] = {("port", port) for port in snapshot.outbound}
+        if len(snapshot.inbound) == 1:
+            wanted.add(("in", next(iter(snapshot.inbound))))
         for key in set(self.listeners) - wanted:
             self.listeners.pop(key).close()
         for key in sorted(wanted - set(self.listeners)):
-            self._listen(key, self.opts.explicit_host, key[1], "outbound", key[1])
+            if key[0] == "in":
+                self._listen(key, self.opts.explicit_host, self.opts.inbound_port, "inbound", key[1])
+            else:
+                self._listen(key, self.opts.explicit_host, key[1], "outbound", key[1])
 
     def _tick(self) -> None:
         now_ms = self.reactor.now * 1000

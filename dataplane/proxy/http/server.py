@@ -399,7 +399,7 @@ class HttpConnection:
         "req_bytes", "req_done", "resp", "resp_bytes", "resp_done", "resp_frame", "resp_head", "resp_ops",
         "retries", "retry_held", "rid", "route_port", "route_timer", "rt", "sent_at", "skey", "snap", "sock",
         "splice_left", "state", "t0", "tried", "try_timer", "tunnel", "up_cb", "up_ending", "up_got",
-        "up_pending", "up_queued", "up_readable", "wait_timer", "wall0",
+        "up_hold", "up_pending", "up_queued", "up_readable", "wait_timer", "wall0",
     )
 
     def __init__(self, runtime: Any, sock: socket.socket, *, direction: str, route_port: str | None,
@@ -434,6 +434,7 @@ class HttpConnection:
         self.up_cb = self._on_up
         self.up_pending: list[bytes] = []
         self.up_queued = 0
+        self.up_hold = False
         self.snap = self.plan = self.skey = self.hdict = self.ep = None
         self.rid = self.head = b""
         self.code = 0
@@ -561,6 +562,10 @@ class HttpConnection:
             self._bad_request(e)
         finally:
             self.in_pump = False
+            if self.up_hold:  # the head waited for the body already here: one write for both
+                self.up_hold = False
+                if self.conn is not None:
+                    self._flush_up()
 
     def _resume_down(self) -> None:
         """Pull what the exchange can take now, then read on (outside a pump: that one goes on)."""
@@ -966,16 +971,22 @@ class HttpConnection:
 
     def _bind(self, conn: UpstreamConn) -> None:
         """Send this try's head (and the body kept so far) on `conn`."""
+        req = self.req
         self.conn = conn
         self.up_got = self.up_readable = self.up_ending = False
-        conn.parser.request_sent(self.req.method)
+        conn.parser.request_sent(req.method)
         head = self.head
         if self.attempts > 1:
             head = head[:-2] + b"x-envoy-attempt-count: %d\r\n\r\n" % self.attempts
         if self.body:
             head = b"".join([head, *self.body])
         self.sent_at = self.reactor.now
-        if conn.connected:
+        if conn.connected and self.in_pump and not self.req_done and (req.content_length or req.chunked):
+            self.reactor.set_callback(conn.fd, self.up_cb)
+            self.up_pending.append(head)  # sent when the pump has pulled what is here of the body
+            self.up_queued += len(head)
+            self.up_hold = True
+        elif conn.connected:
             self.reactor.set_callback(conn.fd, self.up_cb)
             try:
                 n = _write(conn.fd, head)

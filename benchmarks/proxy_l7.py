@@ -1,0 +1,277 @@
+"""L7 (HTTP/1.1) rate of the zmesh sidecar against HAProxy in http mode, both in front of nginx.
+
+wrk (`-t1 -c32`, keep-alive HTTP/1.1) drives, for a 19-byte body and a 1 MiB body:
+
+* direct:       wrk -> nginx (the floor every proxy adds to);
+* haproxy:      wrk -> HAProxy `mode http` (Debian's build, default threads) -> nginx;
+* zmesh-1w/2w:  wrk -> `meshctl proxy --mode explicit` with 1 / 2 SO_REUSEPORT workers: a loopback
+                listener for the service port routing by Host (Istio's default route: no timeout,
+                2 retries on connect-failure/refused-stream/503) to an nginx cluster;
+* zmesh-2hop:   wrk -> client sidecar (outbound) -> server sidecar (inbound) -> nginx, one
+                worker each: what a request between two meshed pods pays.
+
+Per run: req/s, p50/p99 from `wrk --latency`, the proxy's CPU µs per request (psutil, all of its
+processes; both sidecars for 2hop), its RSS, and ratios to direct and to HAProxy on the same body.
+Goal: zmesh >= 1.0x HAProxy req/s on the small body.
+
+Then the latency two sidecars add at a fixed 1000 req/s: p50 of zmesh-2hop minus p50 of direct,
+both paced by wrk with a Lua `delay()` script (wrk2 is not in Debian): 10 connections, each
+waiting 10 ms before its next request. At that rate nothing queues, so the difference is the
+sidecars' own latency.
+
+Installs wrk, haproxy and nginx with apt-get when missing (helpers shared with proxy_l4.py).
+Everything runs on 127.0.0.1; every process it starts is stopped at the end. Progress goes to
+stderr; stdout gets the tables and, as its very last line, one JSON object. `--quick` finishes in
+under a minute. `--access-log` turns the sidecars' JSON access log on (to /dev/null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from benchmarks.proxy_l4 import (  # noqa: E402
+    Procs,
+    Run,
+    combine,
+    cpu_seconds,
+    ensure_tools,
+    fmt,
+    free_port,
+    parse_wrk,
+    start_nginx,
+    tree,
+    wait_listening,
+)
+
+GOAL = {"small_vs_haproxy": 1.0}
+CLUSTER = "outbound|80||nginx.default.svc.cluster.local"
+PACED_RATE = 1000
+PACED_CONNECTIONS = 10
+
+
+def log(msg: str) -> None:
+    print(f"[proxy_l7 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def start_haproxy_http(procs: Procs, tmp: Path, backend: int) -> tuple[int, subprocess.Popen]:
+    port = free_port()
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(f"""
+global
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    server nginx 127.0.0.1:{backend}
+""")
+    proc = procs.start(["haproxy", "-db", "-f", str(conf)], tmp / "haproxy.out")
+    wait_listening(port, proc)
+    return port, proc
+
+
+def _endpoint(port: int) -> dict[str, Any]:
+    return {"address": "127.0.0.1", "port": port, "weight": 1, "locality": "", "healthy": True, "labels": {},
+            "service_account": "", "tls_mode": "disabled"}
+
+
+def _listeners(inbound: list[dict[str, Any]], outbound: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"outbound_traffic_policy": "ALLOW_ANY", "outbound": outbound, "inbound": inbound}
+
+
+MESHCTL = Path(sys.executable).with_name("meshctl")
+SERVICE = "nginx.default.svc.cluster.local"
+POOL = {"tcp": {"connect_timeout_ms": 10000}}
+DEFAULT_RETRIES = {"attempts": 2, "per_try_timeout_ms": 0, "retriable_status_codes": [503],
+                   "retry_on": ["connect-failure", "refused-stream", "unavailable", "cancelled",
+                                "retriable-status-codes"]}
+
+
+def client_config(upstream_port: int, service_port: int) -> dict[str, Any]:
+    """What pilot sends a client sidecar for one HTTP service (Istio's default route); in explicit
+    mode the sidecar listens on 127.0.0.1:`service_port` for it."""
+    route = {"name": "default", "match": {}, "timeout_ms": 0, "retries": DEFAULT_RETRIES,
+             "clusters": [{"name": CLUSTER, "weight": 100}]}
+    vhost = {"name": f"{SERVICE}:80", "service": SERVICE, "domains": ["*"], "routes": [route]}
+    cluster = {"name": CLUSTER, "direction": "outbound", "type": "EDS", "service": SERVICE, "port": 80,
+               "connection_pool": POOL}
+    listener = {"name": f"{SERVICE}_{service_port}", "service": SERVICE, "addresses": [],
+                "port": service_port, "protocol": "HTTP", "route_config": "80"}
+    return {"version": "bench", "listeners": _listeners([], [listener]),
+            "routes": {"80": {"name": "80", "virtual_hosts": [vhost]}},
+            "clusters": {CLUSTER: cluster}, "endpoints": {CLUSTER: [_endpoint(upstream_port)]}}
+
+
+def server_config(app_port: int) -> tuple[dict[str, Any], str]:
+    """What pilot sends the server sidecar: an inbound listener to the app on localhost."""
+    name = f"inbound|{app_port}||"
+    listener = {"name": f"inbound_{app_port}", "port": app_port, "protocol": "HTTP", "mtls_mode": "DISABLE",
+                "cluster": name, "services": [{"service": SERVICE, "port": 80}]}
+    cluster = {"name": name, "direction": "inbound", "port": app_port, "type": "STATIC",
+               "connection_pool": POOL}
+    return {"version": "bench", "listeners": _listeners([listener], []), "routes": {},
+            "clusters": {name: cluster}, "endpoints": {name: [_endpoint(app_port)]}}, name
+
+
+def start_sidecar(procs: Procs, tmp: Path, config: dict[str, Any], workers: int, label: str,
+                  access_log: bool, listen_port: int) -> subprocess.Popen:
+    """`meshctl proxy --mode explicit` from a config file; waits until `listen_port` accepts."""
+    path = tmp / f"{label}.json"
+    path.write_text(json.dumps(config))
+    args = [str(MESHCTL), "proxy", "--id", f"bench-{label}", "--labels", f"app={label}", "--config",
+            str(path),
+            "--mode", "explicit", "--workers", str(workers), "--inbound-port", str(free_port()),
+            "--admin-port", str(free_port()), "--stats-port", str(free_port()),
+            "--access-log" if access_log else "--no-access-log"]
+    if label == "server":  # its one inbound listener stands on --inbound-port in explicit mode
+        args[args.index("--inbound-port") + 1] = str(listen_port)
+    proc = procs.start(args, Path("/dev/null") if access_log else tmp / f"{label}.out")
+    wait_listening(listen_port, proc)
+    return proc
+
+
+def wrk(port: int, path: str, seconds: float, proxies: list[subprocess.Popen], run: Run) -> None:
+    """wrk -t1 -c32 against `port`; CPU and RSS of every process of `proxies` (as proxy_l4 does)."""
+    ps = [p for proc in proxies for p in tree(proc)]
+    before = cpu_seconds(ps)
+    done = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds:g}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+                          capture_output=True, text=True, timeout=seconds + 30)
+    if done.returncode or "Requests/sec" not in done.stdout:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
+    parse_wrk(done.stdout, run)
+    if ps:
+        run.cpu_us_per_req = (cpu_seconds(ps) - before) * 1e6 / max(run.requests, 1)
+        rss = 0
+        for p in ps:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rss += p.memory_info().rss
+        run.rss_mib = rss / (1 << 20)
+
+
+def paced_p50(port: int, seconds: float, tmp: Path) -> float | None:
+    """p50 latency (ms) at PACED_RATE req/s: wrk, each connection waiting before every request."""
+    script = tmp / "pace.lua"
+    script.write_text(f"function delay() return {1000 * PACED_CONNECTIONS / PACED_RATE:g} end\n")
+    args = ["wrk", "-t1", f"-c{PACED_CONNECTIONS}", f"-d{seconds:g}s", "--latency", "-s", str(script),
+            f"http://127.0.0.1:{port}/small"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
+    run = Run("paced", "19B")
+    parse_wrk(done.stdout, run)
+    return run.p50_ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one round of 2 s runs, no warm-up (under a minute)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
+    ap.add_argument("--configs", default="direct,haproxy,zmesh-1w,zmesh-2w,zmesh-2hop")
+    ap.add_argument("--access-log", action="store_true", help="sidecars write their JSON access log")
+    opts = ap.parse_args()
+    seconds = 2.0 if opts.quick else opts.duration
+    rounds = 1 if opts.quick else opts.rounds
+    warmup = 0.0 if opts.quick else 1.0
+    configs = opts.configs.split(",")
+    bodies = (("19B", "/small"), ("1MiB", "/big"))
+    ensure_tools()
+    procs = Procs()
+    samples: dict[tuple[str, str], list[Run]] = {(c, b): [] for c in configs for b, _ in bodies}
+    paced: dict[str, list[float]] = {"direct": [], "zmesh-2hop": []}
+    tmp = Path(tempfile.mkdtemp(prefix="zmesh-proxy-l7-"))
+    try:
+        backend = start_nginx(procs, tmp)
+        targets: dict[str, tuple[int, list[subprocess.Popen]]] = {}
+        for config in configs:  # all up at once, so every round visits each under the same load
+            if config == "direct":
+                targets[config] = (backend, [])
+            elif config == "haproxy":
+                port, proc = start_haproxy_http(procs, tmp, backend)
+                targets[config] = (port, [proc])
+            elif m := re.fullmatch(r"zmesh-(\d+)w", config):
+                port = free_port()
+                proc = start_sidecar(procs, tmp, client_config(backend, port), int(m.group(1)), config,
+                                     opts.access_log, port)
+                targets[config] = (port, [proc])
+            elif config == "zmesh-2hop":
+                cfg, _ = server_config(backend)
+                server_port, client_port = free_port(), free_port()
+                server = start_sidecar(procs, tmp, cfg, 1, "server", opts.access_log, server_port)
+                client = start_sidecar(procs, tmp, client_config(server_port, client_port), 1, "client",
+                                       opts.access_log, client_port)
+                targets[config] = (client_port, [client, server])
+            else:
+                raise SystemExit(f"unknown config {config}")
+        for i in range(rounds):
+            for body, path in bodies:
+                for config in configs:
+                    port, proxy = targets[config]
+                    if warmup:
+                        wrk(port, path, warmup, [], Run(config, body))
+                    run = Run(config, body)
+                    log(f"round {i + 1}/{rounds} {config} {body}: wrk -t1 -c32 -d{seconds:g}s")
+                    wrk(port, path, seconds, proxy, run)
+                    samples[(config, body)].append(run)
+            for config in paced:
+                if config in targets:
+                    log(f"round {i + 1}/{rounds} {config}: paced at {PACED_RATE} req/s")
+                    p50 = paced_p50(targets[config][0], seconds, tmp)
+                    if p50 is not None:
+                        paced[config].append(p50)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    runs = [combine(c, b, samples[(c, b)]) for b, _ in bodies for c in configs]
+    base = {(r.config, r.body): r.rps for r in runs}
+    for r in runs:
+        if base.get(("direct", r.body)):
+            r.vs_direct = r.rps / base[("direct", r.body)]
+        if base.get(("haproxy", r.body)):
+            r.vs_haproxy = r.rps / base[("haproxy", r.body)]
+    head = (f"{'config':<12}{'body':>6}{'req/s':>10}{'MiB/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'cpu us/req':>11}{'rss MiB':>9}{'/direct':>9}{'/haproxy':>9}{'errors':>7}")
+    print(f"wrk -t1 -c32, {rounds} round(s) of {seconds:g} s, medians")
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        print(f"{r.config:<12}{r.body:>6}{r.rps:>10.0f}{r.mib_per_s:>9.1f}{fmt(r.p50_ms, '>9.3f')}"
+              f"{fmt(r.p99_ms, '>9.3f')}{fmt(r.cpu_us_per_req, '>11.1f')}{fmt(r.rss_mib, '>9.1f')}"
+              f"{fmt(r.vs_direct, '>9.2f')}{fmt(r.vs_haproxy, '>9.2f')}{r.errors:>7}")
+    p50 = {k: (sorted(v)[len(v) // 2] if v else None) for k, v in paced.items()}
+    added = p50["zmesh-2hop"] - p50["direct"] if None not in p50.values() else None
+    print(f"\npaced at {PACED_RATE} req/s (wrk + Lua delay(), {PACED_CONNECTIONS} connections): "
+          f"p50 direct {fmt(p50['direct'], '.3f')} ms, two sidecars {fmt(p50['zmesh-2hop'], '.3f')} ms, "
+          f"added {fmt(added, '.3f')} ms")
+    best = {body: max((r.vs_haproxy or 0.0 for r in runs if r.config.startswith("zmesh") and r.body == body),
+                      default=None) for body, _ in bodies}
+    print(json.dumps({"benchmark": "proxy_l7", "seconds": seconds, "rounds": rounds, "goal": GOAL,
+                      "access_log": opts.access_log, "best_vs_haproxy": best,
+                      "paced_rate": PACED_RATE, "paced_p50_ms": p50, "two_sidecars_added_p50_ms": added,
+                      "runs": [asdict(r) for r in runs]}))
+
+
+if __name__ == "__main__":
+    main()
