@@ -151,8 +151,11 @@ class RpcClient:
                     RPC_RETRIES.inc()
                     self.log.info("retrying request", method=method, attempt=attempt,
                                   reason=self.last_error or "timeout")
-                self._sock.send_multipart(frames)
-                SENT.labels(E.REQUEST).inc()
+                try:
+                    self._sock.send_multipart(frames, zmq.NOBLOCK)
+                    SENT.labels(E.REQUEST).inc()
+                except zmq.Again:
+                    pass  # no server connected (down, or its ZAP refused us): this attempt times out
                 reply = self._await(req_id, time.monotonic() + timeout)
                 if reply is not None:
                     if reply.kind == E.ERROR:

@@ -1,0 +1,143 @@
+"""What a CSR may ask for: one SPIFFE id `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` and nothing else.
+
+Sans-IO. Every refusal carries a stable `code` (a metric label and what a node agent can act on)
+and a `detail` that names the offending value, so an operator can fix the request without
+reading citadel's source.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from controlplane.citadel.der import request_spki
+
+MAX_CSR_BYTES = 16 * 1024  # a P-384 or RSA-4096 CSR with one URI is ~2 KiB
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
+_MIN_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SpiffeId:
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    def __str__(self) -> str:
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+
+@dataclass(frozen=True)
+class CheckedCsr:
+    """A CSR whose signature, key and identity passed every check."""
+    spki: bytes  # the public key as DER SubjectPublicKeyInfo, as the certificate will carry it
+    spiffe: SpiffeId
+
+
+def valid_trust_domain(name: str) -> bool:
+    """SPIFFE's trust-domain rule: lowercase letters, digits, '.', '-', '_'."""
+    return bool(_TRUST_DOMAIN.fullmatch(name))
+
+
+def parse_spiffe(uri: str, trust_domain: str) -> SpiffeId | Refusal:
+    """Istio's workload id form only; anything looser could alias another identity."""
+    prefix = "spiffe://"
+    if not uri.startswith(prefix):
+        return Refusal("malformed_spiffe_id", f"{uri!r} is not a spiffe:// URI")
+    domain, _, path = uri[len(prefix):].partition("/")
+    if not valid_trust_domain(domain):
+        return Refusal("malformed_spiffe_id", f"{uri!r}: trust domain {domain!r} is not a valid SPIFFE "
+                       "trust domain (lowercase letters, digits, '.', '-', '_')")
+    if domain != trust_domain:
+        return Refusal("foreign_trust_domain", f"{uri!r} is in trust domain {domain!r}; "
+                       f"this CA signs only for {trust_domain!r}")
+    parts = path.split("/")
+    if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
+        return Refusal("malformed_spiffe_id",
+                       f"{uri!r}: the path must be /ns/<namespace>/sa/<service-account>")
+    namespace, account = parts[1], parts[3]
+    if len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace):
+        return Refusal("malformed_spiffe_id", f"{uri!r}: namespace {namespace!r} is not a DNS-1123 label")
+    if len(account) > 253 or not all(_DNS_LABEL.fullmatch(p) for p in account.split(".")):
+        return Refusal("malformed_spiffe_id",
+                       f"{uri!r}: service account {account!r} is not a DNS-1123 subdomain")
+    return SpiffeId(domain, namespace, account)
+
+
+def check_csr(pem: str, trust_domain: str) -> CheckedCsr | Refusal:
+    """Parse, check the key, verify the self-signature (proof that the requester holds the key),
+    and accept exactly one SAN: a URI naming a workload in `trust_domain`. The subject and any
+    requested extensions are ignored: citadel writes every field of the certificate itself."""
+    if not isinstance(pem, str) or len(pem) > MAX_CSR_BYTES:
+        return Refusal("malformed_csr", f"csr must be a PEM string of at most {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode())
+        info = csr.tbs_certrequest_bytes
+        spki = request_spki(info)
+        key = serialization.load_der_public_key(spki)  # csr.public_key() costs OpenSSL a second import
+    except (ValueError, IndexError, UnsupportedAlgorithm) as exc:
+        return Refusal("malformed_csr", f"not a PEM certificate request with a readable key: {exc}")
+    refusal = _check_key(key)
+    if refusal is not None:
+        return refusal
+    try:
+        params = csr.signature_algorithm_parameters
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(csr.signature, info, params)
+        else:
+            key.verify(csr.signature, info, params, csr.signature_hash_algorithm)
+    except InvalidSignature:
+        return Refusal("bad_signature", "the CSR's signature does not verify with its own public key")
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        return Refusal("malformed_csr", f"unsupported CSR signature: {exc}")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return Refusal("no_uri_san", "the CSR has no subjectAltName; it needs one URI "
+                       f"spiffe://{trust_domain}/ns/<namespace>/sa/<service-account>")
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        return Refusal("malformed_csr", f"unreadable CSR extensions: {exc}")
+    dns, ips = san.get_values_for_type(x509.DNSName), san.get_values_for_type(x509.IPAddress)
+    if dns:
+        return Refusal("dns_san", f"DNS SANs are not allowed (got {', '.join(dns)}); "
+                       "workload certificates carry only a SPIFFE URI")
+    if ips:
+        return Refusal("ip_san", f"IP SANs are not allowed (got {', '.join(map(str, ips))}); "
+                       "workload certificates carry only a SPIFFE URI")
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    others = [n for n in san if not isinstance(n, x509.UniformResourceIdentifier)]
+    if others:
+        return Refusal("other_san", f"only a URI SAN is allowed, got {type(others[0]).__name__}")
+    if not uris:
+        return Refusal("no_uri_san", "the subjectAltName holds no URI")
+    if len(uris) > 1:
+        return Refusal("multiple_uris", f"exactly one URI SAN is allowed, got {len(uris)}: {', '.join(uris)}")
+    spiffe = parse_spiffe(uris[0], trust_domain)
+    if isinstance(spiffe, Refusal):
+        return spiffe
+    return CheckedCsr(spki, spiffe)
+
+
+def _check_key(key: object) -> Refusal | None:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, _EC_CURVES):
+            return None
+        return Refusal("unsupported_key", f"EC curve {key.curve.name} is not allowed (P-256 or P-384)")
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size >= _MIN_RSA_BITS:
+            return None
+        return Refusal("unsupported_key", f"RSA-{key.key_size} is too weak (at least {_MIN_RSA_BITS} bits)")
+    return Refusal("unsupported_key", f"{type(key).__name__} keys are not allowed (ECDSA P-256/P-384 or RSA)")
