@@ -69,6 +69,8 @@ class Galley:
             PUBLISH_DELAY.observe(time.monotonic() - self.debounce.started)
         self.debounce.fire()
         version = self.store.version()
+        # set before sending: a subscriber may see the update before this thread runs on
+        self.published_version = version
         dirty, self._dirty = self._dirty, set()
         for key in sorted(dirty):
             resource = self.store.snapshot.get(key)
@@ -81,7 +83,6 @@ class Galley:
         if self._status_dirty or dirty:
             self.publisher.set(STATUS_KEY, self.status(), config_version=version)
             self._status_dirty = False
-        self.published_version = version
         self.publishes += 1
         PUBLISHES.inc()
         self._update_gauges()
