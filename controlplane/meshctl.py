@@ -9,6 +9,7 @@ from controlplane.citadel.cli import ca_group, citadel_command
 from controlplane.config.analyze_cli import analyze_command
 from controlplane.galley.cli import apply_command, galley_command, get_command
 from controlplane.pilot.cli import pilot_command, proxy_config_command, proxy_status_command
+from dataplane.agent.cli import agent_command, wait_command
 from dataplane.init.cli import decider_command, iptables_command
 from dataplane.proxy.cli import proxy_command
 from nodeagent.cli import nodeagent_command
@@ -34,6 +35,8 @@ cli.add_command(proxy_command)
 cli.add_command(citadel_command)
 cli.add_command(ca_group)
 cli.add_command(nodeagent_command)
+cli.add_command(agent_command)
+cli.add_command(wait_command)
 
 
 def main() -> None:

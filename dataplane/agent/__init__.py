@@ -1,0 +1,1 @@
+"""The pilot-agent: runs the proxy, restarts it, reports its health, merges metrics, drains it."""
