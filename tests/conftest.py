@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from bus import keys, logs
 from bus.loop import Loop
 
-NAMES = ("pilot", "galley", "nodeagent", "proxy-a", "proxy-b")
+NAMES = ("pilot", "galley", "nodeagent", "proxy-a", "proxy-b", "citadel", "meshctl")
 ROOT = Path(__file__).resolve().parents[1]
 # shared/ sits beside the checkout (for developers and CI alike)
 ISTIO_TESTDATA = ROOT.parent / "shared" / "testdata" / "istio"

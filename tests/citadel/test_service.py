@@ -21,7 +21,6 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
-from bus import keys
 from bus.keys import Keyring
 from bus.loop import Loop
 from bus.pubsub import Publisher, Subscriber
@@ -44,11 +43,9 @@ NODES = {"nodeagent": [("default", "web")], "proxy-a": [("prod", "db")]}
 
 @pytest.fixture(scope="module")
 def mesh_keys(keydir: Path) -> Path:
-    """The session's key directory (its ZAP allow-list serves the whole process) plus citadel and
-    the operator's `meshctl` key."""
-    for name in ("citadel", "meshctl"):
-        if not (keydir / f"{name}.key").exists():
-            keys.generate(keydir, name)
+    """The session's key directory, which holds citadel's and the operator's (`meshctl`) keys
+    from the start: the ZAP allow-list serves the whole process and reloads at most once a
+    second, so a key added mid-session could be refused for that second."""
     return keydir
 
 

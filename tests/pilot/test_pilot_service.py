@@ -207,15 +207,14 @@ def test_workloads_tells_citadel_what_runs_on_a_node_and_nobody_else(mesh) -> No
 
     p = mesh.proxy("reviews-1", {"app": "reviews", "version": "v1"}, "10.0.0.3", service_account="reviews")
     assert wait_for(lambda: p.applied, timeout=10)
-    mesh.pilot.citadel_name = "nodeagent"  # the test keyring has no citadel key; stand-in caller
-    asker = RpcClient(mesh.rpc.endpoint, Keyring(mesh.keydir, "nodeagent"), "pilot")
+    asker = RpcClient(mesh.rpc.endpoint, Keyring(mesh.keydir, "citadel"), "pilot")
     other = RpcClient(mesh.rpc.endpoint, Keyring(mesh.keydir, "proxy-b"), "pilot", retries=0)
     try:
         # the SimProxy said node=reviews-1 in its body; its key is proxy-a, and that is what counts
         assert asker.call("workloads", {"node": "proxy-a"}) == [{"namespace": "default",
                                                                  "service_account": "reviews"}]
         assert asker.call("workloads", {"node": "reviews-1"}) == []
-        with pytest.raises(RpcError, match="answered to nodeagent only"):
+        with pytest.raises(RpcError, match="answered to citadel only"):
             other.call("workloads", {"node": "proxy-a"})
     finally:
         asker.close()
