@@ -25,7 +25,8 @@ _log = Log("proxy.acceptor")
 
 
 class Acceptor:
-    """Calls `serve(conn, addr)` for each accepted connection (non-blocking, TCP_NODELAY)."""
+    """Calls `serve(conn, addr)` for each accepted connection (non-blocking; TCP_NODELAY comes
+    from the listener, see sockets.listener)."""
 
     def __init__(self, reactor: Reactor, sock: socket.socket,
                  serve: Callable[[socket.socket, Any], None]) -> None:
@@ -58,7 +59,6 @@ class Acceptor:
                 continue  # ECONNABORTED and friends: that one client is gone
             conn = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 self.serve(conn, addr)
             except Exception:
