@@ -59,7 +59,7 @@ _POOL_MAX = 128
 _pipe_pool: list[tuple[int, int]] = []  # empty pipes of closed connections, reused (per process)
 
 
-def _take_pipe() -> tuple[int, int] | None:
+def take_pipe() -> tuple[int, int] | None:
     """An empty pipe for splice mode, or None when the user's pipe quota only leaves tiny ones.
 
     An unprivileged user past fs.pipe-user-pages-soft gets 8 KiB pipes, and splicing
@@ -79,7 +79,7 @@ def _take_pipe() -> tuple[int, int] | None:
     return r, w
 
 
-def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
+def give_pipe(pipe: tuple[int, int], empty: bool) -> None:
     if empty and len(_pipe_pool) < _POOL_MAX:
         _pipe_pool.append(pipe)
     else:
@@ -182,7 +182,7 @@ class _Half:
                 return  # a short read from a stream socket: its receive queue is empty
             if self.splice:  # bulk: decide once, splice from now on (or copy for good)
                 self.splice = False
-                pipe = _take_pipe()
+                pipe = take_pipe()
                 if pipe is not None:
                     self.pipe = pipe
                     self.pump = self._pump_splice
@@ -251,7 +251,7 @@ class _Half:
         self.eof = self.halted = True
         self.blocked = False
         if self.pipe is not None:
-            _give_pipe(self.pipe, self.piped == 0)
+            give_pipe(self.pipe, self.piped == 0)
             self.pipe = None
 
 

@@ -49,7 +49,6 @@ and a close; a client that stalls mid-head gets 408 after `header_timeout`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import os
 import random
@@ -82,6 +81,7 @@ from dataplane.proxy.http.codec import (
 from dataplane.proxy.http.upstream import OVERFLOW, PENDING, EndpointPool, UpstreamConn, Upstreams
 from dataplane.proxy.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
 from dataplane.proxy.stats import DESTINATION, SOURCE, Key, Workload
+from dataplane.proxy.tcp import PIPE_SIZE, give_pipe, take_pipe
 
 READ_SIZE = 65536
 MAX_BUFFER = 65536  # bytes held for a peer before the proxy stops reading the other side
@@ -92,12 +92,8 @@ SHADOW_TIMEOUT = 15.0  # a mirrored request without a route timeout gives up aft
 LINGER = 2.0  # a closing connection drops what the client still sends for this long, then closes
 SWEEP_INTERVAL = 1.0
 SPLICE_MIN = 128 * 1024  # a response body with at least this much left goes through a pipe
-PIPE_SIZE = 256 * 1024  # as tcp.py's: a quarter of Envoy's 1 MiB buffer limit per direction
-_PIPE_MIN = 64 * 1024
-_PIPE_POOL_MAX = 64
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _splice = os.splice
-_pipes: list[tuple[int, int]] = []  # empty pipes of finished bodies, reused (per process)
 
 
 _MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -122,30 +118,6 @@ FAULT_ABORT = b"fault filter abort"
 
 _FRAME_AS_IS, _FRAME_CHUNK, _FRAME_RAW, _FRAME_TUNNEL = 0, 1, 2, 3  # how a response body goes downstream
 _UNKNOWN_PEER = Workload()
-
-
-def _take_pipe() -> tuple[int, int] | None:
-    """An empty pipe, or None when the user's pipe quota only allows tiny ones (copy then)."""
-    if _pipes:
-        return _pipes.pop()
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-    if size < _PIPE_MIN:
-        os.close(r)
-        os.close(w)
-        return None
-    return r, w
-
-
-def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
-    if empty and len(_pipes) < _PIPE_POOL_MAX:
-        _pipes.append(pipe)
-    else:
-        os.close(pipe[0])
-        os.close(pipe[1])
 
 
 class _Headers(Mapping[str, str]):
@@ -1156,7 +1128,7 @@ class HttpConnection:
         gets a fresh parser: nothing else is pending on it (requests are not pipelined upstream)."""
         if self.resp_frame != _FRAME_AS_IS or conn.parser.buffered or self.closed:
             return False
-        pipe = _take_pipe()
+        pipe = take_pipe()
         if pipe is None:
             return False
         self.rare = True
@@ -1198,7 +1170,7 @@ class HttpConnection:
             self.splice_left = left - n
             self.piped += n
             self.resp_bytes += n
-        _give_pipe(self.pipe, True)
+        give_pipe(self.pipe, True)
         self.pipe = None
         self._resp_end(conn)
 
@@ -1478,7 +1450,7 @@ class HttpConnection:
         if self.rare:
             self._cancel_timers()
             if self.pipe is not None:  # a body abandoned halfway through the pipe
-                _give_pipe(self.pipe, not self.piped)
+                give_pipe(self.pipe, not self.piped)
                 self.pipe = None
             if self.retry_held:
                 self.cluster.pool.retries.release()
