@@ -272,6 +272,31 @@ def combine(config: str, body: str, rounds: list[Run]) -> Run:
                rss_mib=max((r.rss_mib for r in rounds if r.rss_mib is not None), default=None))
 
 
+def report(samples: dict[tuple[str, str], list[Run]], configs: list[str], bodies: list[tuple[str, str]],
+           rounds: int, seconds: float) -> tuple[list[Run], dict[str, float | None]]:
+    """Medians per (config, body) with their ratios to direct and HAProxy, printed as a table;
+    returns the runs and the best zmesh ratio to HAProxy per body (proxy_l7.py uses it too)."""
+    runs = [combine(c, b, samples[(c, b)]) for b, _ in bodies for c in configs]
+    base = {(r.config, r.body): r.rps for r in runs}
+    for r in runs:
+        if base.get(("direct", r.body)):
+            r.vs_direct = r.rps / base[("direct", r.body)]
+        if base.get(("haproxy", r.body)):
+            r.vs_haproxy = r.rps / base[("haproxy", r.body)]
+    head = (f"{'config':<14}{'body':>6}{'req/s':>10}{'MiB/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'cpu us/req':>11}{'rss MiB':>9}{'/direct':>9}{'/haproxy':>9}{'errors':>7}")
+    print(f"wrk -t1 -c32, {rounds} round(s) of {seconds:g} s, medians")
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        print(f"{r.config:<14}{r.body:>6}{r.rps:>10.0f}{r.mib_per_s:>9.1f}{fmt(r.p50_ms, '>9.3f')}"
+              f"{fmt(r.p99_ms, '>9.3f')}{fmt(r.cpu_us_per_req, '>11.1f')}{fmt(r.rss_mib, '>9.1f')}"
+              f"{fmt(r.vs_direct, '>9.2f')}{fmt(r.vs_haproxy, '>9.2f')}{r.errors:>7}")
+    best = {body: max((r.vs_haproxy or 0.0 for r in runs if r.config.startswith("zmesh") and r.body == body),
+                      default=None) for body, _ in bodies}
+    return runs, best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one round of 2 s runs, no warm-up (under a minute)")
@@ -314,24 +339,7 @@ def main() -> None:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    runs = [combine(c, b, samples[(c, b)]) for b, _ in bodies for c in configs]
-    base = {(r.config, r.body): r.rps for r in runs}
-    for r in runs:
-        if base.get(("direct", r.body)):
-            r.vs_direct = r.rps / base[("direct", r.body)]
-        if base.get(("haproxy", r.body)):
-            r.vs_haproxy = r.rps / base[("haproxy", r.body)]
-    head = (f"{'config':<14}{'body':>6}{'req/s':>10}{'MiB/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-            f"{'cpu us/req':>11}{'rss MiB':>9}{'/direct':>9}{'/haproxy':>9}{'errors':>7}")
-    print(f"wrk -t1 -c32, {rounds} round(s) of {seconds:g} s, medians")
-    print(head)
-    print("-" * len(head))
-    for r in runs:
-        print(f"{r.config:<14}{r.body:>6}{r.rps:>10.0f}{r.mib_per_s:>9.1f}{fmt(r.p50_ms, '>9.3f')}"
-              f"{fmt(r.p99_ms, '>9.3f')}{fmt(r.cpu_us_per_req, '>11.1f')}{fmt(r.rss_mib, '>9.1f')}"
-              f"{fmt(r.vs_direct, '>9.2f')}{fmt(r.vs_haproxy, '>9.2f')}{r.errors:>7}")
-    best = {body: max((r.vs_haproxy or 0.0 for r in runs if r.config.startswith("zmesh") and r.body == body),
-                      default=None) for body, _ in bodies}
+    runs, best = report(samples, configs, bodies, rounds, seconds)
     print(json.dumps({"benchmark": "proxy_l4", "seconds": seconds, "rounds": rounds, "goal": GOAL,
                       "best_vs_haproxy": best, "runs": [asdict(r) for r in runs]}))
 

@@ -48,12 +48,12 @@ import psutil  # noqa: E402
 from benchmarks.proxy_l4 import (  # noqa: E402
     Procs,
     Run,
-    combine,
     cpu_seconds,
     ensure_tools,
     fmt,
     free_port,
     parse_wrk,
+    report,
     start_nginx,
     tree,
     wait_listening,
@@ -244,29 +244,12 @@ def main() -> None:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    runs = [combine(c, b, samples[(c, b)]) for b, _ in bodies for c in configs]
-    base = {(r.config, r.body): r.rps for r in runs}
-    for r in runs:
-        if base.get(("direct", r.body)):
-            r.vs_direct = r.rps / base[("direct", r.body)]
-        if base.get(("haproxy", r.body)):
-            r.vs_haproxy = r.rps / base[("haproxy", r.body)]
-    head = (f"{'config':<12}{'body':>6}{'req/s':>10}{'MiB/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-            f"{'cpu us/req':>11}{'rss MiB':>9}{'/direct':>9}{'/haproxy':>9}{'errors':>7}")
-    print(f"wrk -t1 -c32, {rounds} round(s) of {seconds:g} s, medians")
-    print(head)
-    print("-" * len(head))
-    for r in runs:
-        print(f"{r.config:<12}{r.body:>6}{r.rps:>10.0f}{r.mib_per_s:>9.1f}{fmt(r.p50_ms, '>9.3f')}"
-              f"{fmt(r.p99_ms, '>9.3f')}{fmt(r.cpu_us_per_req, '>11.1f')}{fmt(r.rss_mib, '>9.1f')}"
-              f"{fmt(r.vs_direct, '>9.2f')}{fmt(r.vs_haproxy, '>9.2f')}{r.errors:>7}")
+    runs, best = report(samples, configs, bodies, rounds, seconds)
     p50 = {k: (sorted(v)[len(v) // 2] if v else None) for k, v in paced.items()}
     added = p50["zmesh-2hop"] - p50["direct"] if None not in p50.values() else None
     print(f"\npaced at {PACED_RATE} req/s (wrk + Lua delay(), {PACED_CONNECTIONS} connections): "
           f"p50 direct {fmt(p50['direct'], '.3f')} ms, two sidecars {fmt(p50['zmesh-2hop'], '.3f')} ms, "
           f"added {fmt(added, '.3f')} ms")
-    best = {body: max((r.vs_haproxy or 0.0 for r in runs if r.config.startswith("zmesh") and r.body == body),
-                      default=None) for body, _ in bodies}
     print(json.dumps({"benchmark": "proxy_l7", "seconds": seconds, "rounds": rounds, "goal": GOAL,
                       "access_log": opts.access_log, "best_vs_haproxy": best,
                       "paced_rate": PACED_RATE, "paced_p50_ms": p50, "two_sidecars_added_p50_ms": added,
