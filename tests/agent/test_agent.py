@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.meshctl import cli
 from tests.conftest import ROOT, free_port, wait_for
-from tests.proxy.test_sidecar import Echo, http_get, roundtrip, tcp_config
+from tests.proxy.backends import Backend
+from tests.proxy.backends import echo as echo_back
+from tests.proxy.test_sidecar import http_get, roundtrip, tcp_config
 
 MESHCTL = str(ROOT / ".venv" / "bin" / "meshctl")
 
@@ -50,10 +52,10 @@ class App(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def echo() -> Iterator[Echo]:
-    e = Echo()
+def echo() -> Iterator[Backend]:
+    e = Backend(echo_back)
     yield e
-    e.sock.close()
+    e.close()
 
 
 @pytest.fixture
@@ -80,7 +82,7 @@ def proxy_pid(agent: subprocess.Popen[bytes]) -> int | None:
     return children[0].pid if children else None
 
 
-def test_the_agent_runs_restarts_and_drains_the_proxy(tmp_path: Path, echo: Echo, app: str) -> None:
+def test_the_agent_runs_restarts_and_drains_the_proxy(tmp_path: Path, echo: Backend, app: str) -> None:
     health, metrics, admin, stats, port = (free_port() for _ in range(5))
     config = tmp_path / "proxy.json"
     config.write_text("{not json")  # not ready until the test writes a good one: 503 first, surely

@@ -28,6 +28,7 @@ from dataplane.proxy.http.server import HttpConnection, http_state
 from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.runtime import Runtime
 from dataplane.proxy.stats import LABELS, Stats, Workload
+from tests.proxy.backends import Backend as TcpBackend
 
 CLUSTER = "outbound|80||svc.default.svc.cluster.local"
 
@@ -53,40 +54,20 @@ def reply(status: int = 200, body: bytes = b"ok", headers: list[tuple[bytes, byt
 Handler = Callable[[socket.socket, Seen], bytes | None]
 
 
-class Backend:
+class Backend(TcpBackend):
     """A threaded HTTP/1.1 server (keep-alive, pipelining, chunked: the codec parses) calling
     `handler(conn, seen)` per request; it returns the raw response, or None after writing (or
     breaking) the connection itself. `seen` collects every request."""
 
     def __init__(self, handler: Handler | None = None, name: bytes = b"backend") -> None:
         self.name = name
-        self.handler = handler or (lambda _c, _s: reply(200, self.name))
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port: int = self.sock.getsockname()[1]
+        self.http_handler = handler or (lambda _c, _s: reply(200, self.name))
         self.seen: list[Seen] = []
-        self.accepted = 0
-        self.conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._serve, nodelay=True)
 
     @property
     def address(self) -> dict[str, Any]:
         return endpoint(self.port)
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.accepted += 1
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         parser = RequestParser()
@@ -109,7 +90,7 @@ class Backend:
                 elif isinstance(ev, EndOfMessage) and current is not None:
                     current.body = b"".join(body)
                     self.seen.append(current)
-                    out = self.handler(conn, current)
+                    out = self.http_handler(conn, current)
                     if out is None:
                         break
                     if current.method == b"HEAD":
@@ -122,12 +103,6 @@ class Backend:
         with contextlib.suppress(OSError):
             conn.close()
 
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.close()
 
 
 def endpoint(port: int, **extra: Any) -> dict[str, Any]:

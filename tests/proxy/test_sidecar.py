@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dataplane.proxy.control import MAX_FRAME, FrameError, FrameReader, frame
 from tests.conftest import ROOT, free_port, wait_for
+from tests.proxy.backends import Backend
+from tests.proxy.backends import echo as echo_back
 
 MESHCTL = str(ROOT / ".venv" / "bin" / "meshctl")
 
@@ -37,29 +39,6 @@ def test_control_frames_round_trip_and_refuse_garbage() -> None:
         FrameReader().feed(b"\x00\x00\x00\x02\xc1\xc1")
     with pytest.raises(FrameError, match="map with an 'op'"):
         FrameReader().feed(b"\x00\x00\x00\x01\x01")
-
-
-class Echo:
-    """A TCP echo backend on loopback."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
 
 
 def tcp_config(version: str, port: int, backend: int, cluster: str | None = None) -> dict[str, Any]:
@@ -123,10 +102,11 @@ class Proxy:
 
 
 @pytest.fixture
-def echo() -> Iterator[Echo]:
-    e = Echo()
+def echo() -> Iterator[Backend]:
+    """A TCP echo backend on loopback."""
+    e = Backend(echo_back)
     yield e
-    e.sock.close()
+    e.close()
 
 
 def roundtrip(port: int, payload: bytes) -> bytes:

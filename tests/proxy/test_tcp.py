@@ -27,54 +27,9 @@ from dataplane.proxy.l4 import L4Listener
 from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.tcp import Forwarder
 from tests.conftest import ROOT, free_port, wait_for
+from tests.proxy.backends import Backend, echo
 
 MODES = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
-
-
-class Backend:
-    """A threaded loopback server running `handler(conn)` per connection."""
-
-    def __init__(self, handler: Callable[[socket.socket], None], backlog: int = 512) -> None:
-        self.handler = handler
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
-        self.port: int = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.accepted = 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
-            self.accepted += 1
-            self.conns.append(conn)
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            self.handler(conn)
-        with contextlib.suppress(OSError):
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.close()
-
-
-def echo(conn: socket.socket) -> None:
-    while data := conn.recv(1 << 16):
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
 
 
 class Proxy:

@@ -1,0 +1,58 @@
+"""Threaded loopback backends the proxy tests put behind the sidecar."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+
+
+class Backend:
+    """A threaded loopback server running `handler(conn)` per connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], backlog: int = 512,
+                 nodelay: bool = False) -> None:
+        self.handler = handler
+        self.nodelay = nodelay
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.port: int = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.accepted = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            if self.nodelay:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.accepted += 1
+            self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self.handler(conn)
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(1 << 16):
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
