@@ -235,8 +235,9 @@ def cpu_seconds(ps: list[psutil.Process]) -> float:
     return total
 
 
-def wrk(port: int, path: str, seconds: float, proxy: subprocess.Popen | None, run: Run) -> None:
-    ps = tree(proxy)
+def wrk(port: int, path: str, seconds: float, proxies: list[subprocess.Popen], run: Run) -> None:
+    """wrk -t1 -c32 against `port`; CPU and RSS of every process of `proxies` (proxy_l7 uses it too)."""
+    ps = [p for proc in proxies for p in tree(proc)]
     before = cpu_seconds(ps)
     done = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds:g}s", "--latency", f"http://127.0.0.1:{port}{path}"],
                           capture_output=True, text=True, timeout=seconds + 30)
@@ -330,10 +331,10 @@ def main() -> None:
                 for config in configs:
                     port, proxy = targets[config]
                     if warmup:
-                        wrk(port, path, warmup, None, Run(config, body))
+                        wrk(port, path, warmup, [], Run(config, body))
                     run = Run(config, body)
                     log(f"round {i + 1}/{rounds} {config} {body}: wrk -t1 -c32 -d{seconds:g}s")
-                    wrk(port, path, seconds, proxy, run)
+                    wrk(port, path, seconds, [proxy] if proxy else [], run)
                     samples[(config, body)].append(run)
     finally:
         procs.stop_all()

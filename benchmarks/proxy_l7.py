@@ -28,7 +28,6 @@ under a minute. `--access-log` turns the sidecars' JSON access log on (to /dev/n
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import shutil
@@ -43,20 +42,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
 
 from benchmarks.proxy_l4 import (  # noqa: E402
     Procs,
     Run,
-    cpu_seconds,
     ensure_tools,
     fmt,
     free_port,
     parse_wrk,
     report,
     start_nginx,
-    tree,
     wait_listening,
+    wrk,
 )
 
 GOAL = {"small_vs_haproxy": 1.0}
@@ -151,24 +148,6 @@ def start_sidecar(procs: Procs, tmp: Path, config: dict[str, Any], workers: int,
     proc = procs.start(args, Path("/dev/null") if access_log else tmp / f"{label}.out")
     wait_listening(listen_port, proc)
     return proc
-
-
-def wrk(port: int, path: str, seconds: float, proxies: list[subprocess.Popen], run: Run) -> None:
-    """wrk -t1 -c32 against `port`; CPU and RSS of every process of `proxies` (as proxy_l4 does)."""
-    ps = [p for proc in proxies for p in tree(proc)]
-    before = cpu_seconds(ps)
-    done = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds:g}s", "--latency", f"http://127.0.0.1:{port}{path}"],
-                          capture_output=True, text=True, timeout=seconds + 30)
-    if done.returncode or "Requests/sec" not in done.stdout:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
-    parse_wrk(done.stdout, run)
-    if ps:
-        run.cpu_us_per_req = (cpu_seconds(ps) - before) * 1e6 / max(run.requests, 1)
-        rss = 0
-        for p in ps:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                rss += p.memory_info().rss
-        run.rss_mib = rss / (1 << 20)
 
 
 def paced_p50(port: int, seconds: float, tmp: Path) -> float | None:
