@@ -52,6 +52,7 @@ BUNDLE_KEY = "ca/bundle"
 CONFIG_PREFIX = "cfg/"
 DEFAULT_LEASE = 15.0  # pilot's; replaced by what its first `register` reply says
 _TICK = 0.2
+SIGN_BATCH = 64  # CSRs per sign_batch request (citadel takes up to 256)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,7 @@ class NodeAgent:
     # -- certificates --
     def _tick(self) -> None:
         now = time.time()
+        due = []
         for ident in list(self.identities.values()):
             left = ident.rotation.left(now)
             if left is not None and left <= 0 and not ident.expired_logged:
@@ -262,20 +264,36 @@ class NodeAgent:
                                workloads=",".join(sorted(ident.workloads)))
             # citadel signs only identities pilot knows on this node: ask once one is registered
             if ident.rotation.due(now) and not ident.workloads.isdisjoint(self.registered):
-                self._request(ident)
+                due.append(ident)
+        for start in range(0, len(due), SIGN_BATCH):
+            self._request(due[start:start + SIGN_BATCH])
         self._export_expiry(now)
 
     def _export_expiry(self, now: float) -> None:
         lefts = [left for ident in self.identities.values() if (left := ident.rotation.left(now)) is not None]
         M.EARLIEST_EXPIRY.set(min(lefts) if lefts else math.nan)
 
-    def _request(self, ident: _Identity) -> None:
-        key_pem, csr = new_key_and_csr(ident.spiffe)  # the key stays in this process
-        ident.rotation.started()
-        body: dict[str, Any] = {"csr": csr}
-        if self.cert_ttl is not None:
-            body["ttl_s"] = self.cert_ttl
-        self.citadel_rpc.call("sign", body, lambda r, e: self._signed(ident, key_pem, r, e))
+    def _request(self, idents: list[_Identity]) -> None:
+        """One `sign_batch` for every identity due this tick (a node's workloads often renew together)."""
+        keys, bodies = [], []
+        for ident in idents:
+            key_pem, csr = new_key_and_csr(ident.spiffe)  # the key stays in this process
+            ident.rotation.started()
+            body: dict[str, Any] = {"csr": csr}
+            if self.cert_ttl is not None:
+                body["ttl_s"] = self.cert_ttl
+            keys.append(key_pem)
+            bodies.append(body)
+
+        def done(reply: Any, error: Exception | None) -> None:
+            results = reply.get("results") if isinstance(reply, dict) and error is None else None
+            if error is None and (not isinstance(results, list) or len(results) != len(idents)):
+                error = ValueError(f"sign_batch answered {len(results) if isinstance(results, list) else 0} "
+                                   f"results for {len(idents)} requests")
+            for i, ident in enumerate(idents):
+                self._signed(ident, keys[i], results[i] if error is None else None, error)
+
+        self.citadel_rpc.call("sign_batch", {"requests": bodies}, done)
 
     def _signed(self, ident: _Identity, key_pem: bytes, reply: Any, error: Exception | None) -> None:
         if self.identities.get(ident.key) is not ident:

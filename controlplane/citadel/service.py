@@ -4,6 +4,8 @@ RPC (every caller is authenticated by CURVE; `Request.peer` is its key name):
 
 - `sign` {"csr": PEM, "ttl_s"?: int} -> {"chain", "root", "expires", "ttl_s", "serial", "spiffe_id",
   "note"?} or {"refused": code, "detail"}. The caller is the node in node authorization.
+- `sign_batch` {"requests": [sign body, ...]} (at most MAX_BATCH) -> {"results": [sign reply, ...]}
+  in the same order: a node agent renewing many workloads at once pays the bus once, not per CSR.
 - `rotate_root` {} -> {"fingerprint", "subject", "identities", "phase"}; admins only.
 - `status` {} -> see CertificateAuthority.status.
 
@@ -24,6 +26,7 @@ from bus.rpc import Request, RpcServer
 from controlplane.citadel.ca import CertificateAuthority
 
 BUNDLE_KEY = "ca/bundle"
+MAX_BATCH = 256
 
 
 class Citadel:
@@ -41,7 +44,8 @@ class Citadel:
         loop.on_close(self.close)
 
     def rpc_handlers(self) -> dict[str, Callable[[Request], Any]]:
-        return {"sign": self._sign, "rotate_root": self._rotate_root, "status": self._status}
+        return {"sign": self._sign, "sign_batch": self._sign_batch, "rotate_root": self._rotate_root,
+                "status": self._status}
 
     def tick(self) -> None:
         self.ca.tick(self.clock())
@@ -60,6 +64,15 @@ class Citadel:
         result = self.ca.sign(req.peer, req.body, self.clock())
         self._publish_if_changed()  # the last re-issue of a rotation retires the old root
         return result.reply()
+
+    def _sign_batch(self, req: Request) -> dict[str, Any]:
+        requests = req.body.get("requests") if isinstance(req.body, dict) else None
+        if not isinstance(requests, list) or not 0 < len(requests) <= MAX_BATCH:
+            raise ValueError(f'the body must be {{"requests": [1 to {MAX_BATCH} sign bodies]}}')
+        now = self.clock()
+        results = [self.ca.sign(req.peer, body, now).reply() for body in requests]
+        self._publish_if_changed()
+        return {"results": results}
 
     def _rotate_root(self, req: Request) -> dict[str, Any]:
         if req.peer not in self.admins:

@@ -30,7 +30,7 @@ from controlplane.citadel.authz import RegistrationsAuthorizer, StaticAuthorizer
 from controlplane.citadel.ca import CertificateAuthority, Issued, Refused
 from controlplane.citadel.cli import ca_group
 from controlplane.citadel.pki import SigningCa, new_root
-from controlplane.citadel.service import BUNDLE_KEY, Citadel, serve_rpc
+from controlplane.citadel.service import BUNDLE_KEY, MAX_BATCH, Citadel, serve_rpc
 from controlplane.citadel.store import CaDir
 from controlplane.pilot.xds.server import Pilot
 from controlplane.pilot.xds.server import serve_rpc as serve_pilot
@@ -129,6 +129,22 @@ def test_a_node_agent_gets_its_workload_certificate_over_curve(mesh, tmp_path) -
     assert mesh.sign("proxy-a", DB)["spiffe_id"] == DB
     unknown = mesh.sign("proxy-b")
     assert unknown["refused"] == "unknown_node"
+
+
+def test_a_batch_is_signed_in_order_each_request_on_its_own_merits(mesh, tmp_path) -> None:
+    before = metric("zmesh_citadel_certs_issued_total")
+    reply = mesh.call("nodeagent", "sign_batch", {"requests": [
+        {"csr": csr_pem(WEB)}, {"csr": csr_pem(DB)}, {"csr": "garbage"}, {"csr": csr_pem(WEB), "ttl_s": 60}]})
+    web, db, garbage, short = reply["results"]
+    assert web["spiffe_id"] == WEB and short["spiffe_id"] == WEB and short["ttl_s"] == 60
+    assert db["refused"] == "not_on_node"  # proxy-a's workload, not this node's
+    assert garbage["refused"] == "malformed_csr"
+    assert metric("zmesh_citadel_certs_issued_total") == before + 2
+    root, _, leaf = write_chain(tmp_path, short)
+    openssl("verify", "-x509_strict", "-CAfile", str(root), str(leaf))
+    for bad in ({"requests": []}, {"requests": [{"csr": "x"}] * (MAX_BATCH + 1)}, {"csr": csr_pem(WEB)}, None):
+        with pytest.raises(RpcError, match="1 to 256 sign bodies"):
+            mesh.call("nodeagent", "sign_batch", bad)
 
 
 def test_node_authorization_asks_the_real_pilot_over_the_bus(mesh_keys, loops) -> None:

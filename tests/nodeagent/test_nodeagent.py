@@ -302,10 +302,11 @@ def test_no_private_key_travels_on_the_bus(cp, nodes) -> None:
     first = node.version("reviews-1")
     assert wait_for(lambda: node.version("reviews-1") != first, timeout=2 * TTL)  # and one renewal
     sent = [(m, body) for m, peer, body in cp.requests if peer == "nodeagent"]
-    assert {m for m, _ in sent} >= {"register", "sign"}
-    assert len([m for m, _ in sent if m == "sign"]) >= 3
+    assert {m for m, _ in sent} >= {"register", "sign_batch"}
+    csrs = [r["csr"] for m, body in sent if m == "sign_batch" for r in body["requests"]]
+    assert len(csrs) >= 3
     assert all("PRIVATE" not in repr(body) for _, body in sent)
-    assert all("CERTIFICATE REQUEST" in body["csr"] for m, body in sent if m == "sign")
+    assert all("CERTIFICATE REQUEST" in csr for csr in csrs)
     assert b"PRIVATE KEY" in (node.certs("reviews-1") / "key.pem").read_bytes()  # it exists, on disk only
 
 
