@@ -1,1 +1,2 @@
-"""The pilot-agent: runs the proxy, restarts it, reports its health, merges metrics, drains it."""
+"""The pilot-agent: runs the proxy and the NFQUEUE decider, restarts them, reports readiness (with
+the certificates), merges metrics, hands the proxy over (SIGHUP) and drains it (SIGTERM)."""

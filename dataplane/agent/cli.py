@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -28,12 +29,29 @@ from bus import logs
 @click.option("--restart-max", type=float, default=30.0, show_default=True, help="Restart delay cap.")
 @click.option("--restart-reset", type=float, default=60.0, show_default=True,
               help="Uptime (seconds) after which the restart delay starts over.")
+@click.option("--handover-admin-port", type=int, default=15002, show_default=True,
+              help="Admin port of the proxy a hand-over (SIGHUP) starts while the old one still runs.")
+@click.option("--handover-stats-port", type=int, default=15091, show_default=True,
+              help="Metrics port of the proxy a hand-over starts.")
+@click.option("--certs", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The workload's certificate directory (key.pem, cert-chain.pem, root-cert.pem): "
+                   "not ready until they exist and are valid.")
+@click.option("--decider-queue", type=click.IntRange(0, 65535), default=None,
+              help="Also run the NFQUEUE decider on this queue (`meshctl iptables --nfqueue`), fed with "
+                   "the proxy's config.")
+@click.option("--decider-metrics-port", type=click.IntRange(1, 65535), default=15005, show_default=True,
+              help="The decider's metrics port on 127.0.0.1 (merged into --metrics-port).")
 @click.argument("proxy_args", nargs=-1, type=click.UNPROCESSED)
 def agent_command(health_port: int, metrics_port: int, proxy_admin_port: int, proxy_stats_port: int,
                   app_metrics: str | None, proxy_uid: int | None, proxy_gid: int | None,
                   termination_drain_duration: float, restart_initial: float, restart_max: float,
-                  restart_reset: float, proxy_args: tuple[str, ...]) -> None:
-    """Run and watch the sidecar proxy; `meshctl proxy` arguments follow `--`."""
+                  restart_reset: float, handover_admin_port: int, handover_stats_port: int,
+                  certs: Path | None, decider_queue: int | None, decider_metrics_port: int,
+                  proxy_args: tuple[str, ...]) -> None:
+    """Run and watch the sidecar proxy (and the NFQUEUE decider); `meshctl proxy` arguments follow `--`.
+
+    SIGHUP hands the proxy over to a new one without dropping a connection; SIGTERM drains it.
+    """
     from dataplane.agent.agent import Agent, AgentOptions
     from dataplane.agent.backoff import Backoff
 
@@ -43,11 +61,16 @@ def agent_command(health_port: int, metrics_port: int, proxy_admin_port: int, pr
         backoff = Backoff(restart_initial, 2.0, restart_max, restart_reset)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    if {handover_admin_port, handover_stats_port} & {proxy_admin_port, proxy_stats_port}:
+        raise click.BadParameter("the hand-over ports must differ from the proxy's admin and stats ports",
+                                 param_hint="--handover-admin-port/--handover-stats-port")
     logs.configure()
     agent = Agent(AgentOptions(
         proxy_args=proxy_args, proxy_admin_port=proxy_admin_port, proxy_stats_port=proxy_stats_port,
         health_port=health_port, metrics_port=metrics_port, app_metrics=app_metrics, proxy_uid=proxy_uid,
-        proxy_gid=proxy_gid, drain_duration=termination_drain_duration, backoff=backoff))
+        proxy_gid=proxy_gid, drain_duration=termination_drain_duration, backoff=backoff,
+        handover_admin_port=handover_admin_port, handover_stats_port=handover_stats_port,
+        certs=certs, decider_queue=decider_queue, decider_metrics_port=decider_metrics_port))
     sys.exit(agent.run())
 
 

@@ -104,7 +104,11 @@ def iptables_command(proxy_port: int, inbound_port: int, proxy_uid: str, proxy_g
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve Prometheus metrics (zmesh_init_verdicts_total) on this port.")
 @click.option("--metrics-host", default="0.0.0.0", show_default=True)
-def decider_command(queue: int, config_file: Path, metrics_port: int | None, metrics_host: str) -> None:
+@click.option("--fast-path/--no-fast-path", default=True, show_default=True,
+              help="Also write the verdicts into the mangle chain ISTIO_KNOWN, so the kernel marks SYNs "
+                   "without queueing them.")
+def decider_command(queue: int, config_file: Path, metrics_port: int | None, metrics_host: str,
+                    fast_path: bool) -> None:
     """Decide, for each new outbound connection, whether it goes through the proxy."""
     if importlib.util.find_spec("netfilterqueue") is None:
         raise click.ClickException("the decider needs NetfilterQueue: apt-get install libnetfilter-queue-dev "
@@ -112,4 +116,4 @@ def decider_command(queue: int, config_file: Path, metrics_port: int | None, met
     from dataplane.init import decider
 
     logs.configure()
-    decider.run(queue, config_file, metrics_port, metrics_host)
+    decider.run(queue, config_file, metrics_port, metrics_host, fast_path)

@@ -26,6 +26,11 @@ def save(family: int) -> str:
     return _run([TOOLS[family][0]])
 
 
+def save_counters(family: int, table: str) -> str:
+    """One table's rules with their `[packets:bytes]` counters."""
+    return _run([TOOLS[family][0], "-c", "-t", table])
+
+
 def restore_args(family: int) -> list[str]:
     """Apply one transaction per table, leaving every rule the input does not name alone; `-w` waits
     for the xtables lock that the legacy backend shares with kube-proxy and friends."""

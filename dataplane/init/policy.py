@@ -39,6 +39,7 @@ class Verdict(enum.Enum):
 _MARKS = {Verdict.REDIRECT: 0x100000, Verdict.PASS: 0x200000, Verdict.REJECT: 0x300000}
 TCP = 6
 _PORTS = struct.Struct("!HH")
+_PORT = struct.Struct("!H")
 
 
 def _ip(text: str) -> str | None:
@@ -58,6 +59,15 @@ class DestinationPolicy:
     vip_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     unknown: Verdict = Verdict.REDIRECT
     policy: str = field(default="", compare=False)  # for logs: ALLOW_ANY, REGISTRY_ONLY or "" (no config)
+    # the same sets as packed bytes (address, address + port), so a SYN is decided without parsing it
+    _vips_raw: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    _known_raw: frozenset[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pack = ipaddress.ip_address
+        object.__setattr__(self, "_vips_raw", frozenset(pack(a).packed for a in self.vips))
+        object.__setattr__(self, "_known_raw",
+                           frozenset(pack(a).packed + _PORT.pack(p) for a, p in self.known))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DestinationPolicy:
@@ -92,9 +102,46 @@ class DestinationPolicy:
         return self.unknown
 
     def decide_packet(self, packet: bytes) -> Verdict:
-        """The verdict for a queued SYN; one we cannot read goes to the proxy, as it would without us."""
-        dst = parse_destination(packet)
-        return Verdict.REDIRECT if dst is None else self.decide(*dst)
+        """The verdict for a queued SYN; one we cannot read goes to the proxy, as it would without us.
+
+        The hot path of the decider (once per new connection): set lookups on slices of the packet,
+        no address objects unless the config has CIDRs.
+        """
+        n = len(packet)
+        if n >= 20 and packet[0] >> 4 == 4:
+            ihl = (packet[0] & 0x0F) * 4
+            if packet[9] != TCP or n < ihl + 4:
+                return Verdict.REDIRECT
+            addr, port = packet[16:20], packet[ihl + 2:ihl + 4]
+        elif n >= 44 and packet[0] >> 4 == 6:
+            if packet[6] != TCP:
+                return Verdict.REDIRECT
+            addr, port = packet[24:40], packet[42:44]
+        else:
+            return Verdict.REDIRECT
+        if addr in self._vips_raw or addr + port in self._known_raw:
+            return Verdict.REDIRECT
+        if self.vip_networks and any(ipaddress.ip_address(addr) in net for net in self.vip_networks):
+            return Verdict.REDIRECT
+        return self.unknown
+
+    def fast_path(self, family: int) -> list[str]:
+        """iptables rule specs (rules.known_text) that give every SYN its verdict mark in the kernel:
+        each known destination REDIRECT, then anything still unmarked the policy's verdict for the
+        unknown. Without a config, nothing: the queue sees everything. Sorted, so an unchanged config
+        gives the same text."""
+        if not self.policy:
+            return []
+        redirect = f"-j MARK --set-xmark {Verdict.REDIRECT.mark:#x}/{MARK_MASK:#x}"
+        nets = sorted({n.compressed for n in self.vip_networks if n.version == family})
+        hosts = sorted(ipaddress.ip_network(a).compressed for a in self.vips
+                       if ipaddress.ip_address(a).version == family)
+        known = sorted((ipaddress.ip_network(a).compressed, p) for a, p in self.known
+                       if ipaddress.ip_address(a).version == family and a not in self.vips)
+        return ([f"-d {d} {redirect}" for d in [*nets, *hosts]]
+                + [f"-d {d} -p tcp --dport {p} {redirect}" for d, p in known]
+                + [f"-m mark --mark 0x0/{MARK_MASK:#x} -j MARK --set-xmark {self.unknown.mark:#x}/"
+                   f"{MARK_MASK:#x}"])
 
     def count(self) -> int:
         """How many destinations it knows (for logs)."""

@@ -16,6 +16,11 @@ with `nfqueue` (see policy.py) two more chains:
 
     mangle OUTPUT -p tcp -> ISTIO_DECIDE: the same exclusions RETURN; a new connection's SYN that
         ISTIO_OUTPUT would redirect goes to NFQUEUE, whose verdict marks it
+    mangle ISTIO_KNOWN: the decider's fast path, filled by the decider (`known_text`) from its config:
+        the mesh's destinations marked REDIRECT, anything else the policy's verdict, all in the
+        kernel; ISTIO_DECIDE jumps there first and RETURNs what got a mark, so the queue sees SYNs
+        only before the first config (or when the fast path cannot be written). An install empties
+        it (the queue then decides everything, correctly, until the decider's next config)
     nat ISTIO_OUTPUT redirects only what is marked REDIRECT
     filter OUTPUT (mark REJECT) -> ISTIO_DENY: REJECT --reject-with tcp-reset (a refusal in under
         1 ms; a dropped SYN would be retransmitted for seconds)
@@ -42,7 +47,7 @@ Ports = tuple[int, ...] | Literal["*"]
 Cidrs = tuple[str, ...] | Literal["*"]
 
 TABLES = ("mangle", "nat", "filter")
-OWNED = {"mangle": ("ISTIO_DECIDE",),
+OWNED = {"mangle": ("ISTIO_DECIDE", "ISTIO_KNOWN"),
          "nat": ("ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT"),
          "filter": ("ISTIO_DENY",)}
 NEVER_INBOUND = tuple(SIDECAR_PORTS[k] for k in ("outbound", "inbound", "agent-metrics", "health",
@@ -166,6 +171,7 @@ def _mangle(opts: Options, family: int, queue: int) -> Table:
     rules += [f"-m owner --uid-owner {uid} -j RETURN" for uid in opts.proxy_uids]
     rules += [f"-m owner --gid-owner {gid} -j RETURN" for gid in opts.proxy_gids]
     rules += [f"-d {cidr} -j RETURN" for cidr in _of_family(opts.exclude_cidrs, family)]
+    rules += ["-j ISTIO_KNOWN", f"-m mark ! --mark 0x0/{MARK_MASK:#x} -j RETURN"]
     target = f"-m conntrack --ctstate NEW -j NFQUEUE --queue-num {queue}"
     rules += _outbound_targets(opts, family, target + (" --queue-bypass" if opts.queue_bypass else ""))
     return Table(OWNED["mangle"],
@@ -245,6 +251,13 @@ def restore_text(desired: Mapping[str, Table], current_save: str = "") -> str:
         out += [rule for rule in want.rules if rule not in kept]
         out.append("COMMIT")
     return "".join(line + "\n" for line in out)
+
+
+def known_text(specs: list[str]) -> str:
+    """The `iptables-restore --noflush` input that replaces ISTIO_KNOWN's rules with `specs`
+    (policy.DestinationPolicy.fast_path), in one transaction."""
+    return "".join(["*mangle\n:ISTIO_KNOWN - [0:0]\n", *(f"-A ISTIO_KNOWN {spec}\n" for spec in specs),
+                    "COMMIT\n"])
 
 
 def install_text(opts: Options, family: int, current_save: str = "") -> str:

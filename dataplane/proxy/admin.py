@@ -1,6 +1,7 @@
 """The proxy's admin (127.0.0.1:15000) and Prometheus (15090) endpoints, Envoy's paths.
 
-    GET  /config_dump        the config in force, its version, and the last rejected one
+    GET  /config_dump        the config in force, its version, and the last rejected one (ETag: the
+                             version; If-None-Match answers 304 while it is still in force)
     GET  /clusters           endpoints per cluster per worker: health, ejection, counters
     GET  /stats              proxy stats, Envoy's `name: value` text (all workers summed)
     GET  /stats/prometheus   Istio's metrics (also /metrics, and the whole of port 15090)
@@ -50,16 +51,19 @@ def _handler(state: AdminState, admin: bool) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *_args: Any) -> None:  # scrapes every few seconds: not worth a line
             pass
 
-        def _send(self, status: int, body: str, content_type: str = "text/plain; charset=utf-8") -> None:
+        def _send(self, status: int, body: str, content_type: str = "text/plain; charset=utf-8",
+                  headers: dict[str, str] | None = None) -> None:
             data = body.encode()
             self.send_response(status)
             self.send_header("content-type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("content-length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
-        def _json(self, value: Any, status: int = 200) -> None:
-            self._send(status, json.dumps(value, indent=2) + "\n", "application/json")
+        def _json(self, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+            self._send(status, json.dumps(value, indent=2) + "\n", "application/json", headers)
 
         def do_GET(self) -> None:
             url = urlsplit(self.path)
@@ -67,9 +71,15 @@ def _handler(state: AdminState, admin: bool) -> type[BaseHTTPRequestHandler]:
                 if url.path in ("/stats/prometheus", "/metrics") or not admin:
                     self._send(200, state.metrics(), PROMETHEUS)
                 elif url.path == "/config_dump":
-                    self._json({"node": state.node_id, "version": state.version,
-                                "applied_at": state.applied_at, "config": state.config,
-                                "last_rejected": state.rejected})
+                    # the ETag is the version in force: a poller (the agent) asks with If-None-Match
+                    # and gets a bodiless 304 until a new config is applied
+                    etag = {"etag": f'"{state.version}"'}
+                    if state.version and self.headers.get("if-none-match") == etag["etag"]:
+                        self._send(304, "", headers=etag)
+                    else:
+                        self._json({"node": state.node_id, "version": state.version,
+                                    "applied_at": state.applied_at, "config": state.config,
+                                    "last_rejected": state.rejected}, headers=etag)
                 elif url.path == "/clusters":
                     self._json([r["clusters"] for r in state.ask_workers({"op": "clusters"})])
                 elif url.path == "/stats":

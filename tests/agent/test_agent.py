@@ -182,7 +182,7 @@ def test_a_proxy_that_cannot_be_started_ends_the_agent_with_1(monkeypatch: pytes
 
     agent = Agent(AgentOptions(proxy_args=["--id", "x"], health_host="127.0.0.1", health_port=free_port(),
                                metrics_host="127.0.0.1", metrics_port=free_port()))
-    monkeypatch.setattr(agent, "_command", lambda: [str(ROOT / "no-such-proxy")])
+    monkeypatch.setattr(agent.proxy, "command", [str(ROOT / "no-such-proxy")])
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         assert agent.run() == 1

@@ -1,6 +1,8 @@
 """The NFQUEUE decider for real, in the pod namespace of conftest.py, with rules from `--nfqueue 5`.
 
 Its config knows one mesh service, VIPs 10.77.0.2 and fd77::2 port 8000; 10.77.0.3 is outside the mesh.
+Once the decider has read it, its verdicts are also in the kernel (ISTIO_KNOWN, the fast path); the
+queue sees SYNs before that, and after a re-install of the rules (which empties the chain).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def test_verdicts_and_fail_open(sidecar: Sidecar, clean: Topology, tmp_path: Pat
     write_config(config, "ALLOW_ANY")
     clean.init("--nfqueue", QUEUE, "--queue-bypass", *(() if clean.ipv6 else ("--no-ipv6",)))
     decider, log = start_decider(clean, config)
+    assert wait_for(lambda: "fast path updated" in log.read_text(), 5), log.read_text()
+    assert f"-A ISTIO_KNOWN -d {REMOTE_IP}/32 -j MARK" in clean.save(4)
     assert sidecar.outbound(REMOTE_IP, RP) == "proxy"  # a mesh destination
     if clean.ipv6:
         assert sidecar.outbound(REMOTE_IP6, RP) == "proxy"
@@ -73,11 +77,14 @@ def test_verdicts_and_fail_open(sidecar: Sidecar, clean: Topology, tmp_path: Pat
     assert sidecar.outbound(REMOTE_IP, RP) == "proxy"
     assert sidecar.outbound(OTHER_IP, RP, as_proxy=True) == "direct"  # the proxy's own: never queued
 
-    counts = verdicts(clean)
+    counts = verdicts(clean)  # the queue's and the fast path's
     assert counts["redirect"] >= 3 and counts["pass"] >= 1 and counts["reject"] >= 1, counts
 
     decider.kill()
     decider.wait(5)
+    assert sidecar.outbound(REMOTE_IP, RP) == "proxy"  # the fast path outlives the decider
+    assert not clean.connect(OTHER_IP, RP)["ok"]  # ... REGISTRY_ONLY included
+    clean.init("--nfqueue", QUEUE, "--queue-bypass", *(() if clean.ipv6 else ("--no-ipv6",)))  # empties it
     assert sidecar.outbound(REMOTE_IP, RP) == "direct"  # --queue-bypass: it flows, past the proxy
     assert sidecar.outbound(OTHER_IP, RP) == "direct"
 
@@ -91,8 +98,14 @@ def test_no_config_yet_then_a_new_file_then_fail_closed(sidecar: Sidecar, clean:
     write_config(config, "ALLOW_ANY")  # no SIGHUP: the decider notices the file
     assert wait_for(lambda: "config loaded" in log.read_text(), 5), log.read_text()
     assert sidecar.outbound(OTHER_IP, RP) == "direct"
+    clean.init("--no-ipv6", "--nfqueue", QUEUE)  # a re-install empties the fast path ...
+    assert "-A ISTIO_KNOWN" not in clean.save(4)
+    assert sidecar.outbound(OTHER_IP, RP) == "direct"  # ... the queue decides, and the decider notices
+    assert wait_for(lambda: f"-A ISTIO_KNOWN -d {REMOTE_IP}/32" in clean.save(4), 5), log.read_text()
 
     decider.kill()
     decider.wait(5)
+    assert sidecar.outbound(REMOTE_IP, RP) == "proxy"  # marked in the kernel: no decider needed
+    clean.init("--no-ipv6", "--nfqueue", QUEUE)  # a re-install empties the fast path
     failed = clean.connect(REMOTE_IP, RP, timeout=1.0)  # without --queue-bypass nobody answers the queue
     assert not failed["ok"] and failed["error"] == "TimeoutError", failed

@@ -143,3 +143,24 @@ def test_config_watch_reloads_on_change_and_keeps_the_last_good_policy(tmp_path:
     yaml_path = tmp_path / "proxy.yaml"
     yaml_path.write_text("listeners:\n  outbound_traffic_policy: ALLOW_ANY\n")
     assert ConfigWatch(yaml_path).poll().decide("8.8.8.8", 443) is Verdict.PASS
+
+
+def test_fast_path_marks_exactly_the_known_destinations_per_family() -> None:
+    policy = DestinationPolicy.from_config(CONFIG)
+    mark = "-j MARK --set-xmark 0x100000/0x300000"
+    rest = "-m mark --mark 0x0/0x300000 -j MARK --set-xmark {:#x}/0x300000"  # what is still unmarked
+    assert policy.fast_path(4) == [f"-d 192.168.50.0/24 {mark}", f"-d 10.96.0.10/32 {mark}",
+                                   f"-d 10.1.0.7/32 -p tcp --dport 7000 {mark}",  # an endpoint: its port
+                                   rest.format(Verdict.PASS.mark)]
+    assert policy.fast_path(6) == [f"-d fd00:96::20/128 {mark}", rest.format(Verdict.PASS.mark)]
+    assert DestinationPolicy.from_config(registry_only()).fast_path(6)[-1] == rest.format(Verdict.REJECT.mark)
+    assert DestinationPolicy().fast_path(4) == []  # no config: the queue sees everything
+
+
+def test_decide_packet_agrees_with_decide_on_every_known_kind() -> None:
+    policy = DestinationPolicy.from_config(registry_only())
+    for dst, port in (("10.96.0.10", 1), ("192.168.50.7", 443), ("10.1.0.7", 7000), ("10.1.0.7", 7001),
+                      ("8.8.8.8", 443)):
+        assert policy.decide_packet(ipv4_syn(dst, port)) is policy.decide(dst, port)
+    assert policy.decide_packet(ipv6_syn("fd00:96::20", 9)) is Verdict.REDIRECT
+    assert policy.decide_packet(ipv6_syn("fd00::99", 9)) is Verdict.REJECT

@@ -130,6 +130,8 @@ def test_nfqueue_adds_the_decider_chains_and_gates_the_redirect() -> None:
         "-A ISTIO_DECIDE -m owner --uid-owner 1337 -j RETURN",
         "-A ISTIO_DECIDE -m owner --gid-owner 1337 -j RETURN",
         "-A ISTIO_DECIDE -d 10.96.0.0/12 -j RETURN",
+        "-A ISTIO_DECIDE -j ISTIO_KNOWN",  # the decider's fast path marks the mesh's destinations
+        "-A ISTIO_DECIDE -m mark ! --mark 0x0/0x300000 -j RETURN",  # it gave a verdict
         f"-A ISTIO_DECIDE -p tcp --dport 9000 {queue}",
         f"-A ISTIO_DECIDE {queue}",
     )
@@ -141,6 +143,14 @@ def test_nfqueue_adds_the_decider_chains_and_gates_the_redirect() -> None:
     bypass = build(Options(nfqueue=7, queue_bypass=True), 4)["mangle"].rules
     assert bypass[-1] == f"-A ISTIO_DECIDE {queue} --queue-bypass"
     assert set(build(Options(), 4)) == {"nat"}
+    assert build(opts, 4)["mangle"].chains == ("ISTIO_DECIDE", "ISTIO_KNOWN")
+
+
+def test_known_text_replaces_the_fast_path_chain_in_one_transaction() -> None:
+    assert rules.known_text(["-d 10.96.0.10/32 -j MARK --set-xmark 0x100000/0x300000"]) == (
+        "*mangle\n:ISTIO_KNOWN - [0:0]\n"
+        "-A ISTIO_KNOWN -d 10.96.0.10/32 -j MARK --set-xmark 0x100000/0x300000\nCOMMIT\n")
+    assert rules.known_text([]) == "*mangle\n:ISTIO_KNOWN - [0:0]\nCOMMIT\n"
 
 
 SAVED = """\
