@@ -94,13 +94,17 @@ def proxy_config_command(key_dir: str, name: str, pilot_endpoint: str | None, po
 @click.option("--debounce-max", type=float, default=10.0, show_default=True, help="Longest wait (s).")
 @click.option("--lease", type=float, default=15.0, show_default=True,
               help="Seconds a registration lives without a heartbeat.")
+@click.option("--mesh-config", "mesh_config_path", type=click.Path(dir_okay=False), default=None,
+              help="Istio's MeshConfig YAML (pilot-discovery --meshConfig); re-read when it changes.")
 def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_base: int | None,
-                  debounce_after: float, debounce_max: float, lease: float) -> None:
+                  debounce_after: float, debounce_max: float, lease: float,
+                  mesh_config_path: str | None) -> None:
     """Run pilot: galley's config + registrations in, per-group proxy config out."""
     from bus.loop import Loop
     from bus.service import run_until_signalled, signed_publisher
     from bus.signing import Verifier
     from controlplane.debounce import Debouncer
+    from controlplane.pilot.meshconfig import MeshConfigError, MeshConfigFile
     from controlplane.pilot.xds.server import Pilot, serve_rpc, subscribe_galley
 
     logs.configure()
@@ -110,7 +114,20 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
         pub = signed_publisher(loop, "pilot", ring, host, port_base)
     except keys.KeyringError as exc:
         raise click.ClickException(str(exc)) from None
-    pilot = Pilot(loop, pub, Debouncer(debounce_after, debounce_max), lease=lease)
+    mesh_file = MeshConfigFile(mesh_config_path) if mesh_config_path else None
+    mesh_config: dict = {}
+    warnings: list[str] = []
+    if mesh_file is not None:
+        mesh_file.changed()
+        try:
+            mesh_config, warnings = mesh_file.read()
+        except MeshConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    pilot = Pilot(loop, pub, Debouncer(debounce_after, debounce_max), lease=lease, mesh_config=mesh_config)
+    for warning in warnings:
+        pilot.log.warning("mesh config field ignored", detail=warning)
+    if mesh_file is not None:
+        loop.call_every(1.0, lambda: mesh_file.reload(pilot.set_mesh_config, pilot.log))
     subscribe_galley(loop, pilot, pub_endpoint=endpoints.tcp("galley", "pub", base=port_base),
                      snapshot_endpoint=endpoints.tcp("galley", "snapshot", base=port_base),
                      keyring=ring, server=galley_name, verifier=Verifier(ring.trusted_signers))

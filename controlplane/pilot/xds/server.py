@@ -53,8 +53,9 @@ def resource_from_galley(value: dict[str, Any]) -> Resource:
 class Pilot:
     def __init__(self, loop: Loop, publisher: Publisher, debounce: Debouncer | None = None,
                  stale_after: float = 5.0, lease: float = LEASE_SECONDS,
-                 citadel_name: str = "citadel") -> None:
+                 citadel_name: str = "citadel", mesh_config: dict[str, Any] | None = None) -> None:
         self.loop = loop
+        self.mesh_config = mesh_config or {}  # Istio's MeshConfig fields (see meshconfig.py)
         self.publisher = publisher
         self.debounce = debounce or Debouncer()
         self.lease = lease
@@ -188,6 +189,13 @@ class Pilot:
         if expired:
             self._changed()
 
+    def set_mesh_config(self, mesh_config: dict[str, Any]) -> None:
+        """A new MeshConfig: it can change any part of any proxy's config, so everything is rebuilt."""
+        if mesh_config != self.mesh_config:
+            self.mesh_config = mesh_config
+            self.log.info("mesh config changed", fields=",".join(sorted(mesh_config)) or "-")
+            self._changed(local=True)
+
     def _changed(self, local: bool = True) -> None:
         """Something changed; `local=False`: nothing a group's own parts depend on."""
         self._local_dirty = self._local_dirty or local
@@ -208,13 +216,14 @@ class Pilot:
         reuse_local = not self._local_dirty
         self._local_dirty = False
         inputs = (self.registry.services(), self.registry.all_endpoints(), list(self.resources.values()),
-                  self.registry.registrations.proxies(), dict(self.published), dict(self.scopes), reuse_local)
+                  self.mesh_config, self.registry.registrations.proxies(), dict(self.published),
+                  dict(self.scopes), reuse_local)
         self._pushing = True
         threading.Thread(target=self._translate, args=(merged, *inputs), name="pilot-push",
                          daemon=True).start()
 
     def _translate(self, merged: int, services: list, endpoints: list, resources: list[Resource],
-                   proxies: list[Proxy], published: dict[str, ProxyParts],
+                   mesh_config: dict[str, Any], proxies: list[Proxy], published: dict[str, ProxyParts],
                    scopes: dict[str, PartSet], reuse_local: bool) -> None:
         started = time.perf_counter()
         members: dict[str, list[Proxy]] = {}
@@ -223,7 +232,7 @@ class Pilot:
         built: dict[str, ProxyParts] = {}
         entries: list[Entry] = []
         try:
-            push = PushContext(services, endpoints, resources)
+            push = PushContext(services, endpoints, resources, mesh_config)
             new_scopes: dict[str, PartSet] = {}
             for group, group_proxies in sorted(members.items()):
                 old = published.get(group)
