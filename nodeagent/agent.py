@@ -11,6 +11,9 @@ them to sockets and files:
   written to `<run-dir>/certs/<workload-id>/` for every workload running as it;
 - citadel's trust bundle (`ca/bundle`) is followed: a new one rewrites root-cert.pem at
   once and re-issues every certificate, so workloads move to the new root;
+- a certificate from a root this agent has known for less than `trust_settle_s` is held back
+  until then: citadel signs with a new root at once, and a peer proxy that has not yet loaded
+  the bundle with that root (proxies reload on a 1 s tick) would refuse it;
 - pilot's `cfg/` keys are relayed to `ipc://<run-dir>/cfg.pub` / `cfg.snap`, so the
   node's proxies cost pilot one connection.
 """
@@ -77,6 +80,7 @@ class _Identity:
     rotation: Rotation
     workloads: set[str] = field(default_factory=set)
     certs: CertSet | None = None
+    held: CertSet | None = None  # issued, waiting for its root to settle
     expired_logged: bool = False
 
 
@@ -87,7 +91,8 @@ class NodeAgent:
                  citadel: Upstream, workloads_dir: str | os.PathLike | None = None,
                  trust_domain: str = "cluster.local", cert_ttl: int | None = None,
                  owner: tuple[int, int] | None = None, poll_interval: float = 1.0,
-                 backoff: tuple[float, float] = (1.0, 30.0), rpc_timeout: float = 2.0) -> None:
+                 backoff: tuple[float, float] = (1.0, 30.0), rpc_timeout: float = 2.0,
+                 trust_settle_s: float = 2.0) -> None:
         self.loop = loop
         self.node = keyring.name
         self.trust_domain = trust_domain
@@ -103,6 +108,8 @@ class NodeAgent:
         self.registered: set[str] = set()        # workload ids pilot confirmed
         self._deregister_pending: set[str] = set()
         self.bundle_roots: list[str] | None = None
+        self.trust_settle_s = trust_settle_s
+        self._roots_since: dict[str, float] = {}  # root PEM -> when we first saw it (0: from the start)
         self._rng = random.Random()
         self._hb_interval = DEFAULT_LEASE / 3
         M.EARLIEST_EXPIRY.set(math.nan)
@@ -309,6 +316,7 @@ class NodeAgent:
                 roots = self.bundle_roots or split_pem(reply["root"])
                 if not roots:
                     raise ValueError("no trusted roots")
+                self._note_roots(split_pem(reply["root"]), now)
             except (KeyError, TypeError, ValueError) as exc:
                 error, reason = exc, "bad_reply"
         if error is not None:
@@ -320,12 +328,39 @@ class NodeAgent:
                              retry_in_s=round(delay, 1),
                              cert_left_s="none" if left is None else round(left, 1))
             return
-        ident.certs = CertSet(key_pem, chain, roots)
         ident.expired_logged = False
         renew_at = ident.rotation.issued(now, expires)
+        certs = CertSet(key_pem, chain, roots)
+        settled = [since for root, since in self._roots_since.items() if chains_to(chain, [root])]
+        hold = (min(settled) if settled else now) + self.trust_settle_s - now
+        if hold > 0:
+            ident.held = certs
+            self.loop.call_later(hold, lambda: self._release(ident, certs, expires, renew_at))
+            self.log.info("certificate held until its root has settled", identity=ident.spiffe,
+                          hold_s=round(hold, 1))
+            return
+        ident.held = None  # a newer certificate supersedes any held one
+        self._install(ident, certs, expires, renew_at)
+
+    def _release(self, ident: _Identity, certs: CertSet, expires: float, renew_at: float) -> None:
+        if self.identities.get(ident.key) is ident and ident.held is certs:  # else gone, or superseded
+            ident.held = None
+            self._install(ident, certs, expires, renew_at)
+
+    def _note_roots(self, roots: list[str], now: float) -> None:
+        first = not self._roots_since  # the roots we start with: nobody can be behind on them
+        for root in roots:
+            self._roots_since.setdefault(root, 0.0 if first else now)
+
+    def _install(self, ident: _Identity, certs: CertSet, expires: float, renew_at: float) -> None:
+        roots = self.bundle_roots or certs.roots  # the bundle may have changed while the set was held
+        if not chains_to(certs.chain, roots):
+            roots = [*roots, *(r for r in certs.roots if r not in roots)]
+        ident.certs = replace(certs, roots=roots)
         for wid in sorted(ident.workloads):
             self._write(wid, ident.certs)
         M.CERTS_ISSUED.inc()
+        now = time.time()
         self._export_expiry(now)
         self.log.info("certificate issued", identity=ident.spiffe,
                       workloads=",".join(sorted(ident.workloads)), version=ident.certs.version,
@@ -349,14 +384,17 @@ class NodeAgent:
         if roots == self.bundle_roots:
             return
         self.bundle_roots = roots
+        self._note_roots(roots, time.time())
+        self._roots_since = {r: since for r, since in self._roots_since.items() if r in roots}
         self.log.info("trust bundle", version=value.get("version", ""), roots=len(roots))
         for ident in self.identities.values():
             if ident.certs is None or ident.certs.roots == roots:
                 continue
             # A new root means a rotation has begun: citadel now signs with it. A root that only
             # went away (the rotation's end) matters if it was ours, and no request is on its way.
+            pending = ident.rotation.in_flight or ident.held is not None
             renew = bool(set(roots) - set(ident.certs.roots)) or (
-                not ident.rotation.in_flight and not chains_to(ident.certs.chain, roots))
+                not pending and not chains_to(ident.certs.chain, roots))
             ident.certs = replace(ident.certs, roots=roots)
             for wid in sorted(ident.workloads):
                 self._write(wid, ident.certs, key_too=False)

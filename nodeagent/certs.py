@@ -2,8 +2,10 @@
 
 The private key is made here, in memory, and leaves this process only as the proxy's
 key.pem: citadel sees the CSR. Files are swapped in atomically (temp file in the same
-directory + rename), and `version` is written last, so a reader that sees the same
-version before and after reading the other files has a consistent set.
+directory + rename); `version` is removed first and written last, so a reader that sees
+the same version before and after reading the other files has a consistent set (one that
+finds no `version` is early: the set is being written). Without the removal, a reader that
+started just before a write would see the old version twice around a new key and old chain.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class CertDir:
         """Swap the files in; `key_too=False` (a new trust bundle) leaves key and chain as they are."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._own(self.path, 0o700)
+        (self.path / VERSION_FILE).unlink(missing_ok=True)  # readers now know a write is under way
         if key_too:
             self._replace(KEY_FILE, certs.key_pem, 0o600)
             self._replace(CHAIN_FILE, "".join(certs.chain).encode(), 0o644)

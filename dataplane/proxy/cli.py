@@ -39,17 +39,27 @@ def _labels(text: str) -> dict[str, str]:
               help="Register and heartbeat with pilot ourselves (when no node agent does).")
 @click.option("--mode", type=click.Choice(["transparent", "explicit"]), default="transparent",
               show_default=True)
+@click.option("--explicit-host", default="127.0.0.1", show_default=True,
+              help="Explicit mode: the address of the outbound listeners (one per service port).")
+@click.option("--inbound-host", default=None,
+              help="Explicit mode: the address of the inbound listener (default: --explicit-host).")
+@click.option("--app-host", default="127.0.0.1", show_default=True,
+              help="Where inbound traffic reaches the app (loopback pods each have an address).")
 @click.option("--workers", type=int, default=0, help="Worker processes (0: one per core).")
 @click.option("--outbound-port", type=int, default=15001, show_default=True)
 @click.option("--inbound-port", type=int, default=15006, show_default=True)
 @click.option("--admin-port", type=int, default=15000, show_default=True)
 @click.option("--stats-port", type=int, default=15090, show_default=True)
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
+@click.option("--certs", "certs_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The workload's certificate directory (the node agent's <run-dir>/certs/<id>): "
+                   "Istio mutual TLS, reloaded when its version file changes.")
 def proxy_command(node_id: str, namespace: str, labels: str, service_account: str, ip: str,
                   config_file: Path | None, key_dir: str | None, name: str, pilot_host: str,
-                  port_base: int | None, relay: str | None, register: bool, mode: str, workers: int,
+                  port_base: int | None, relay: str | None, register: bool, mode: str, explicit_host: str,
+                  inbound_host: str | None, app_host: str, workers: int,
                   outbound_port: int, inbound_port: int, admin_port: int, stats_port: int,
-                  access_log: bool) -> None:
+                  access_log: bool, certs_dir: Path | None) -> None:
     """Run the sidecar proxy."""
     from dataplane.proxy.main import BusOptions, Sidecar
     from dataplane.proxy.stats import Workload
@@ -66,7 +76,9 @@ def proxy_command(node_id: str, namespace: str, labels: str, service_account: st
                         canonical_revision=label_map.get("service.istio.io/canonical-revision",
                                                          label_map.get("version", "latest")))
     opts = WorkerOptions(node_id=node_id, workload=workload, mode=mode, outbound_port=outbound_port,
-                         inbound_port=inbound_port, access_log=access_log)
+                         inbound_port=inbound_port, access_log=access_log, explicit_host=explicit_host,
+                         inbound_host=inbound_host, app_host=app_host,
+                         certs=str(certs_dir) if certs_dir is not None else None)
     bus = None
     if key_dir is not None:
         pub = f"{relay}.pub" if relay else endpoints.tcp("pilot", "pub", pilot_host, port_base)

@@ -39,9 +39,10 @@ OM = "OM"  # terminated by the overload manager
 DF = "DF"  # DNS resolution of the upstream failed
 DO = "DO"  # dropped by the cluster's drop_overload
 DR = "DR"  # downstream reset the stream remotely
+RBAC = "RBAC"  # denied by an AuthorizationPolicy (403 "RBAC: access denied", or the connection closed)
 
 ORDER: tuple[str, ...] = (LH, UH, UT, LR, UR, UF, UC, UO, NR, DI, FI, RL, UAEX, RLSE, DC, URX, SI, IH,
-                          DPE, UMSDR, RFCF, NFCF, DT, UPE, NC, OM, DF, DO, DR)
+                          DPE, UMSDR, RFCF, NFCF, DT, UPE, NC, OM, DF, DO, DR, RBAC)
 _RANK = {flag: i for i, flag in enumerate(ORDER)}
 
 

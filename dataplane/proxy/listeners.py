@@ -14,6 +14,15 @@ Per connection, the Snapshot in force decides:
 - inbound: the workload port's listener (HTTP to the engine; TCP to the app on localhost),
   or a passthrough to the original destination for ports no service declares.
 HTTP/2 and gRPC ports are carried at L4 (this proxy speaks HTTP/1.1).
+
+Mutual TLS (Istio's PeerAuthentication, per inbound port as the listener's `mtls_mode`): STRICT
+terminates TLS on every connection (no valid client certificate from our trust bundle: the handshake
+fails and the connection closes; without certificates nobody can be verified, so STRICT ports
+refuse); PERMISSIVE peeks at the first bytes and terminates TLS only for a ClientHello (0x16 0x03),
+plain text otherwise (as Envoy's tls_inspector); DISABLE is plain text. The verified client's SPIFFE
+id becomes the connection's principal (HTTP engine, L4 forwarder, stats). Over TLS an UNKNOWN port is
+carried at L4: its bytes cannot be peeked through OpenSSL. Outbound L4 to an ISTIO_MUTUAL cluster
+originates TLS (tcp.py), checking the server's identity.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Any
 
 from bus.logs import Log
 from dataplane.proxy import flags as F
-from dataplane.proxy import sockets
+from dataplane.proxy import sockets, tls
 from dataplane.proxy.acceptor import Acceptor
 from dataplane.proxy.cluster import CONNECT_FAILURE
 from dataplane.proxy.reactor import EPOLLIN, EPOLLRDHUP
@@ -39,6 +48,7 @@ Address = tuple[str, int]
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 SNIFF_TIMEOUT = 0.1
+STRICT, PERMISSIVE, DISABLE = "STRICT", "PERMISSIVE", "DISABLE"
 L7_PROTOCOLS = frozenset({"HTTP"})
 SNIFFED = frozenset({"UNKNOWN"})
 _METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
@@ -65,14 +75,18 @@ class SidecarListener:
 
     def __init__(self, runtime: Runtime, sock: socket.socket, direction: str, *,
                  explicit_port: int | None = None, http_factory: Callable[..., Any] | None = None,
-                 idle_timeout: float = 3600.0, mark: int = 0) -> None:
+                 idle_timeout: float = 3600.0, mark: int = 0, certs: tls.WorkloadCerts | None = None,
+                 app_host: str = _LOCALHOST) -> None:
         self.runtime = runtime
+        self.certs = certs  # the workload's certificates (contexts reloaded in place), None: no mTLS
+        self._warned: set[str] = set()
         self.sock = sock
         self.direction = direction
         self.explicit_port = explicit_port
         self.http_factory = http_factory
         self.idle_timeout = idle_timeout
         self.mark = mark
+        self.app_host = app_host  # inbound L4 goes to the app here (loopback pods: an address each)
         self.reporter = SOURCE if direction == "outbound" else DESTINATION
         self.connections: set[Forwarder] = set()
         self._keys: dict[Any, Any] = {}
@@ -90,7 +104,8 @@ class SidecarListener:
         orig = sockets.original_dst(conn)
         return orig if orig is not None else conn.getsockname()[:2]
 
-    def _dispatch(self, conn: socket.socket, peer: Address) -> None:
+    def _dispatch(self, conn: socket.socket, peer: Address, principal: str = "") -> None:
+        """`principal`: the peer's SPIFFE id when the inbound connection is mutual TLS."""
         target = self._target(conn)
         snap = self.runtime.snapshot
         if self.direction == "outbound":
@@ -104,27 +119,102 @@ class SidecarListener:
         else:
             listener = snap.inbound.get(target[1])
             if listener is None:  # no service declares this port: Istio's inbound passthrough
-                self._forward(conn, peer, target, PASSTHROUGH, target, service="")
+                if self._authorized(conn, peer, target, principal, PASSTHROUGH, ""):
+                    self._forward(conn, peer, target, PASSTHROUGH, target, service="")
                 return
+            mode = listener.get("mtls_mode") or DISABLE
+            if mode == STRICT:
+                self._terminate(conn, peer, target, listener)
+                return
+            if mode == PERMISSIVE:
+                self._peek_tls(conn, peer, target, listener)
+                return
+        self._carry(conn, peer, target, listener, principal)
+
+    def _carry(self, conn: Any, peer: Address, target: Address, listener: dict[str, Any],
+               principal: str = "") -> None:
         protocol = listener.get("protocol", "TCP")
         if protocol in L7_PROTOCOLS and self.http_factory is not None:
-            self._http(conn, peer, target, listener)
-        elif protocol in SNIFFED and self.http_factory is not None:
-            self._sniff(conn, peer, target, listener)
+            self._http(conn, peer, target, listener, principal)
+        elif protocol in SNIFFED and self.http_factory is not None and not tls.is_tls(conn):
+            self._sniff(conn, peer, target, listener, principal)
         else:
-            self._tcp(conn, peer, target, listener)
+            self._tcp(conn, peer, target, listener, principal)
+
+    # mutual TLS (inbound) ------------------------------------------------------------------
+    def _terminate(self, conn: socket.socket, peer: Address, target: Address,
+                   listener: dict[str, Any]) -> None:
+        """Handshake as the TLS server (client certificate required), then carry the plain bytes."""
+        context = self.certs.server if self.certs is not None else None
+        if context is None:
+            self._warn_once("no-certs", "mTLS port refused: the proxy has no certificates (--certs)",
+                            port=target[1])
+            self._refuse(conn, peer, target, F.UF)
+            return
+        try:
+            ssl_sock = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            with contextlib.suppress(OSError):
+                conn.close()
+            return
+
+        def done(sock: tls.TlsSocket | None, reason: str) -> None:
+            if sock is None:
+                _log.debug("inbound TLS handshake failed", peer=f"{peer[0]}:{peer[1]}", port=target[1],
+                           reason=reason)
+                return
+            self._carry(sock, peer, target, listener, sock.principal)
+
+        tls.Handshake(self.runtime.reactor, ssl_sock, done, register=True)
+
+    def _peek_tls(self, conn: socket.socket, peer: Address, target: Address,
+                  listener: dict[str, Any]) -> None:
+        """PERMISSIVE: a TLS ClientHello (0x16 0x03) is terminated, anything else is plain text;
+        a client that sends nothing within SNIFF_TIMEOUT (server-first) is plain text too."""
+        reactor = self.runtime.reactor
+        fd = conn.fileno()
+
+        def decide(is_tls: bool) -> None:
+            timer.cancel()
+            reactor.unregister(fd)
+            if is_tls:
+                self._terminate(conn, peer, target, listener)
+            else:
+                self._carry(conn, peer, target, listener)
+
+        def readable(_mask: int) -> None:
+            try:
+                prefix = conn.recv(2, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError:
+                prefix = b""
+            if prefix == b"\x16":
+                return  # one byte so far: wait for the second
+            decide(prefix == b"\x16\x03")
+
+        timer = reactor.call_later(SNIFF_TIMEOUT, lambda: decide(False))
+        reactor.register(fd, EPOLLIN | EPOLLRDHUP, readable)
+
+    def _warn_once(self, what: str, msg: str, **fields: Any) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            _log.warning(msg, **fields)
 
     # protocols ---------------------------------------------------------------------------
-    def _http(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any]) -> None:
+    def _http(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any],
+              principal: str = "") -> None:
         assert self.http_factory is not None
         if self.direction == "outbound":
             self.http_factory(self.runtime, conn, direction="outbound", inbound_cluster=None,
                               route_port=listener.get("route_config"), peer=peer, local=target)
         else:
             self.http_factory(self.runtime, conn, direction="inbound", route_port=None,
-                              inbound_cluster=listener["cluster"], peer=peer, local=target)
+                              inbound_cluster=listener["cluster"], peer=peer, local=target,
+                              principal=principal)
 
-    def _sniff(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any]) -> None:
+    def _sniff(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any],
+               principal: str = "") -> None:
         """Peek at the first bytes (leaving them in the socket) until they tell, or time out
         and carry the connection at L4 (server-first protocols send nothing first)."""
         reactor = self.runtime.reactor
@@ -134,9 +224,9 @@ class SidecarListener:
             timer.cancel()
             reactor.unregister(fd)
             if is_http:
-                self._http(conn, peer, target, listener)
+                self._http(conn, peer, target, listener, principal)
             else:
-                self._tcp(conn, peer, target, listener)
+                self._tcp(conn, peer, target, listener, principal)
 
         def readable(_mask: int) -> None:
             try:
@@ -152,10 +242,13 @@ class SidecarListener:
         timer = reactor.call_later(SNIFF_TIMEOUT, lambda: decide(False))
         reactor.register(fd, EPOLLIN | EPOLLRDHUP, readable)
 
-    def _tcp(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any]) -> None:
+    def _tcp(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any],
+             principal: str = "") -> None:
         if self.direction == "inbound":
-            self._forward(conn, peer, target, listener["cluster"], (_LOCALHOST, target[1]),
-                          service=_first_service(listener))
+            cluster, service = listener["cluster"], _first_service(listener)
+            if self._authorized(conn, peer, target, principal, cluster, service):
+                self._forward(conn, peer, target, cluster, (self.app_host, target[1]), service=service,
+                              principal=principal)
             return
         cluster_name = _tcp_cluster(listener.get("tcp_routes") or [], target[0], self.runtime.rng.random())
         if cluster_name is None:
@@ -163,12 +256,14 @@ class SidecarListener:
             return
         self._forward(conn, peer, target, cluster_name, None, service=listener.get("service", ""))
 
-    def _forward(self, conn: socket.socket, peer: Address, target: Address, cluster_name: str,
-                 address: Address | None, service: str) -> None:
-        """Connect `conn` to `address`, or to an endpoint of `cluster_name` when it is None."""
+    def _forward(self, conn: Any, peer: Address, target: Address, cluster_name: str,
+                 address: Address | None, service: str, principal: str = "") -> None:
+        """Connect `conn` to `address`, or to an endpoint of `cluster_name` when it is None.
+        `principal`: the downstream's SPIFFE id over mTLS (inbound)."""
         snap = self.runtime.snapshot
         cluster = snap.clusters.get(cluster_name)
         endpoint = None
+        upstream_tls = None
         if address is None:
             if cluster is None:
                 self._refuse(conn, peer, target, F.NR)
@@ -181,7 +276,10 @@ class SidecarListener:
                     self._refuse(conn, peer, target, F.UH)
                     return
                 address = (endpoint.address, endpoint.port)
-        key = self._key(cluster_name, service)
+                upstream_tls = self._upstream_tls(cluster.spec.get("tls"), endpoint)
+        if upstream_tls is not None and len(upstream_tls[1]) == 1:
+            principal = next(iter(upstream_tls[1]))  # the one identity this connection can reach
+        key = self._key(cluster_name, service, principal)
         stats = self.runtime.stats
         stats.tcp_opened(key)
         if cluster is not None and endpoint is not None:
@@ -200,7 +298,33 @@ class SidecarListener:
                         mark=self.mark, downstream_addr=peer, orig_dst=target)
         self.connections.add(fwd)
         timeout = (cluster.pool.connect_timeout_ms / 1000) if cluster is not None else 10.0
-        fwd.connect(address, timeout)
+        fwd.connect(address, timeout, tls=upstream_tls)
+
+    def _upstream_tls(self, spec: dict[str, Any] | None, endpoint: Any) -> Any:
+        """(client context, allowed SPIFFE ids) when Istio mTLS applies to `endpoint`, else None
+        (also without certificates: Istio mTLS then falls back to plain text, said once)."""
+        allowed = tls.mutual_tls(spec, endpoint)
+        if allowed is None:
+            return None
+        context = self.certs.client if self.certs is not None else None
+        if context is None:
+            self._warn_once("plain", "ISTIO_MUTUAL cluster but no certificates (--certs): sending plain text")
+            return None
+        return context, allowed
+
+    def _authorized(self, conn: Any, peer: Address, target: Address, principal: str, cluster: str,
+                    service: str) -> bool:
+        """The workload's AuthorizationPolicies for an inbound connection carried at L4 (authz.py):
+        a denied one is counted (flag RBAC) and closed at once."""
+        authz = self.runtime.snapshot.authz
+        if not authz.active or authz.check_tcp(peer[0], principal, target[1]).allowed:
+            return True
+        key = self._key(cluster, service, principal)
+        self.runtime.stats.tcp_opened(key, F.RBAC)
+        self.runtime.stats.tcp_closed(key, F.RBAC)
+        with contextlib.suppress(OSError):
+            conn.close()
+        return False
 
     def _refuse(self, conn: socket.socket, peer: Address, target: Address, flag: str) -> None:
         key = self._key(BLACKHOLE, "")
@@ -209,13 +333,17 @@ class SidecarListener:
         with contextlib.suppress(OSError):
             conn.close()
 
-    def _key(self, cluster: str, service: str) -> Any:
-        key = self._keys.get((cluster, service))
+    def _key(self, cluster: str, service: str, principal: str = "") -> Any:
+        """The TCP stats key; `principal` (the peer's SPIFFE id) makes it a mutual TLS one."""
+        key = self._keys.get((cluster, service, principal))
         if key is None:
             name = service.split(".")[0] if service else ""
-            key = self._keys[cluster, service] = self.runtime.stats.request_key(
-                self.reporter, Workload(), service_host=service or cluster, service_name=name or cluster,
-                protocol=TCP)
+            stats = self.runtime.stats
+            key = stats.request_key(self.reporter, Workload(), service_host=service or cluster,
+                                    service_name=name or cluster, protocol=TCP)
+            if principal:
+                key = stats.mutual_tls(key, principal)
+            self._keys[cluster, service, principal] = key
         return key
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataplane.proxy.accesslog import AccessLog, NullAccessLog
+from dataplane.proxy.authz import ALLOW_ALL, Authz, PolicyError, compile_policies
 from dataplane.proxy.cluster import Cluster, build_clusters
 from dataplane.proxy.reactor import Reactor
 from dataplane.proxy.routing import RouteConfig, build_route_configs
@@ -42,6 +43,7 @@ class Snapshot:
     by_address: dict[tuple[str, int], dict[str, Any]]  # (service VIP, port) -> its listener
     inbound: dict[int, dict[str, Any]]          # workload port -> inbound listener
     outbound_policy: str                        # ALLOW_ANY | REGISTRY_ONLY
+    authz: Authz = ALLOW_ALL                    # the inbound side's AuthorizationPolicies
 
     def outbound_listener(self, ip: str, port: int) -> dict[str, Any] | None:
         """The listener for a connection to ip:port: the service owning that VIP, else one that
@@ -76,12 +78,15 @@ def compile_snapshot(config: dict[str, Any], previous: Snapshot | None = None,
         inbound = {int(li["port"]): li for li in listeners["inbound"]}
         policy = str(listeners.get("outbound_traffic_policy", "ALLOW_ANY"))
         version = str(config.get("version", ""))
+        authz = compile_policies((config.get("security") or {}).get("authorization"))
     except ConfigError:
         raise
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from exc
     except (KeyError, TypeError, ValueError, AttributeError, re.error) as exc:
         raise ConfigError(f"cannot compile config: {type(exc).__name__}: {exc}") from exc
     _check_references(config, routes, clusters, outbound, inbound)
-    return Snapshot(version, config, routes, clusters, outbound, by_address, inbound, policy)
+    return Snapshot(version, config, routes, clusters, outbound, by_address, inbound, policy, authz)
 
 
 def _check_references(config: dict[str, Any], routes: dict[str, RouteConfig], clusters: dict[str, Cluster],

@@ -70,6 +70,10 @@ LABELS: tuple[str, ...] = (
     "request_protocol", "response_code", "grpc_response_status", "response_flags",
     "connection_security_policy",
 )
+_SRC_NS, _SRC_PRINCIPAL = LABELS.index("source_workload_namespace"), LABELS.index("source_principal")
+_DST_NS = LABELS.index("destination_workload_namespace")
+_DST_PRINCIPAL = LABELS.index("destination_principal")
+_DST_SERVICE_NS = LABELS.index("destination_service_namespace")
 TCP_LABELS: tuple[str, ...] = tuple(n for n in LABELS if n not in ("response_code", "grpc_response_status"))
 
 REQUESTS_TOTAL = "istio_requests_total"
@@ -144,6 +148,7 @@ class Stats:
         self._width = self._resp_at + len(self._respb) + 1
         self._keys: dict[tuple, Key] = {}
         self._by_labels: dict[tuple, Key] = {}
+        self._mtls_keys: dict[tuple[Key, str], Key] = {}
         self._requests: dict[tuple, list] = {}
         self._tcp: dict[tuple, list] = {}
         self.counters: dict[tuple[str, ...], int] = {}
@@ -191,6 +196,31 @@ class Stats:
             policy = "mutual_tls" if both_known else "none"
         head = (reporter, *src, *dst, protocol)
         return self._by_labels.setdefault((head, policy), Key(head, policy))
+
+    def mutual_tls(self, key: Key, peer_principal: str) -> Key:
+        """`key` for traffic that came (destination reporter) or went (source reporter) over mutual TLS
+        with the peer `peer_principal`: both principals set, the peer's namespace from its SPIFFE id,
+        and connection_security_policy "mutual_tls" where the reporter tells it. Cached per pair."""
+        k = (key, peer_principal)
+        found = self._mtls_keys.get(k)
+        if found is not None:
+            return found
+        head = list(key.head)
+        local = self.local.principal or UNKNOWN
+        peer_ns = _san_namespace(peer_principal)
+        if head[0] == SOURCE:
+            head[_SRC_PRINCIPAL], head[_DST_PRINCIPAL] = local, peer_principal
+            if peer_ns:
+                head[_DST_NS] = head[_DST_SERVICE_NS] = peer_ns
+            policy = key.policy
+        else:
+            head[_SRC_PRINCIPAL], head[_DST_PRINCIPAL] = peer_principal, local
+            if peer_ns:
+                head[_SRC_NS] = peer_ns
+            policy = "mutual_tls" if local != UNKNOWN else "none"
+        labels = tuple(head)
+        found = self._mtls_keys[k] = self._by_labels.setdefault((labels, policy), Key(labels, policy))
+        return found
 
     def record_request(self, key: Key, code: int, flags: str, duration_ms: float, request_bytes: int,
                        response_bytes: int, grpc_status: int | None = None) -> None:

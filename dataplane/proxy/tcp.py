@@ -27,6 +27,12 @@ copying, because the pages go socket -> pipe -> socket without passing through P
 So a half starts in copy mode and switches to splice for good the first time a read
 fills the whole scratch buffer (the sender has more queued than one buffer holds).
 256 KiB pipes keep the per-direction bound at a quarter of Envoy's 1 MiB buffer limit.
+
+Mutual TLS (tls.py): the downstream may be a `TlsSocket` (inbound, handshaken by the listener), and
+`connect(..., tls=(context, allowed_ids))` originates TLS after the TCP connect (outbound): a failed
+handshake or a server identity outside `allowed_ids` is an upstream connect failure (UF). A half with
+a TLS side reads and writes through OpenSSL (`recv_into`/`send`) instead of the raw fd, and never
+splices.
 """
 
 from __future__ import annotations
@@ -34,14 +40,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
-from dataplane.proxy import sockets
+from dataplane.proxy import sockets, tls
 from dataplane.proxy.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor
 
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
@@ -96,9 +104,10 @@ class _Half:
     """
 
     __slots__ = ("blocked", "bufs", "conn", "dst", "dst_fd", "ending", "eof", "flushes", "halted", "nbytes",
-                 "peer", "pending", "pipe", "piped", "pump", "size", "splice", "src_fd", "view")
+                 "peer", "pending", "pipe", "piped", "pump", "read", "size", "splice", "src_fd", "view",
+                 "write")
 
-    def __init__(self, conn: Forwarder, src: socket.socket, dst: socket.socket, splice: bool) -> None:
+    def __init__(self, conn: Forwarder, src: Any, dst: Any, splice: bool) -> None:
         reactor = conn.reactor
         self.conn = conn
         self.dst = dst
@@ -108,7 +117,11 @@ class _Half:
         self.view = reactor.scratch_view
         self.size = len(reactor.scratch)
         self.peer: _Half = self
-        self.splice = splice
+        # read() -> n into the scratch buffer, write(data) -> n: the raw fds, or OpenSSL for a TLS side
+        self.read = (functools.partial(src.recv_into, self.view) if tls.is_tls(src)
+                     else functools.partial(_readv, self.src_fd, self.bufs))
+        self.write = dst.send if tls.is_tls(dst) else functools.partial(_write, self.dst_fd)
+        self.splice = splice and not (tls.is_tls(src) or tls.is_tls(dst))
         self.pump: Callable[[], None] = self._pump_copy
         self.pending = b""      # copy mode: what dst did not take yet
         self.pipe: tuple[int, int] | None = None
@@ -130,11 +143,11 @@ class _Half:
             self.pump()
 
     def _pump_copy(self) -> None:
-        dst_fd = self.dst_fd
+        write = self.write
         if self.blocked:
             pending = self.pending
             try:
-                sent = _write(dst_fd, pending)
+                sent = write(pending)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -150,13 +163,12 @@ class _Half:
                 self._finish()
                 return
             self.halted = False
-        src_fd = self.src_fd
-        bufs = self.bufs
+        read = self.read
         view = self.view
         size = self.size
         while True:
             try:
-                n = _readv(src_fd, bufs)
+                n = read()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -168,7 +180,7 @@ class _Half:
                 return
             self.nbytes += n
             try:
-                sent = _write(dst_fd, view[:n])
+                sent = write(view[:n])
             except BlockingIOError:
                 sent = 0
             except OSError as e:
@@ -271,21 +283,23 @@ class Forwarder:
 
     __slots__ = ("_active_at", "_connect_timer", "_idle_timer", "_seen", "closed", "connect_time", "d2u",
                  "detail", "downstream", "downstream_addr", "duration", "flags", "idle_timeout", "mark",
-                 "on_close", "on_connected", "orig_dst", "reactor", "splice", "start_time", "started",
+                 "on_close", "on_connected", "orig_dst", "reactor", "splice", "start_time", "started", "tls",
                  "u2d", "upstream", "upstream_addr")
 
-    def __init__(self, reactor: Reactor, downstream: socket.socket, *,
+    def __init__(self, reactor: Reactor, downstream: Any, *,
                  on_close: Callable[[Forwarder], Any] | None = None,
                  on_connected: Callable[[Forwarder], Any] | None = None,
                  idle_timeout: float = 3600.0, mark: int = 0, splice: bool = True,
                  downstream_addr: tuple[str, int] | None = None,
                  orig_dst: tuple[str, int] | None = None) -> None:
-        """`downstream` must be non-blocking. `splice=False` keeps both halves in copy mode."""
+        """`downstream` (a socket or a tls.TlsSocket) must be non-blocking. `splice=False` keeps both
+        halves in copy mode."""
         self.reactor = reactor
         self.downstream = downstream
         self.downstream_addr = downstream_addr
         self.orig_dst = orig_dst
-        self.upstream: socket.socket | None = None
+        self.upstream: Any = None
+        self.tls: tuple[ssl.SSLContext, frozenset[str]] | None = None
         self.upstream_addr: tuple[str, int] | None = None
         self.on_close = on_close
         self.on_connected = on_connected
@@ -318,9 +332,12 @@ class Forwarder:
         """Bytes the proxy holds for this connection right now (bounded: one buffer/pipe a way)."""
         return (self.d2u.buffered() if self.d2u else 0) + (self.u2d.buffered() if self.u2d else 0)
 
-    def connect(self, upstream_addr: tuple[str, int], timeout: float = 10.0) -> None:
-        """Start the non-blocking connect; forwarding begins once it completes."""
+    def connect(self, upstream_addr: tuple[str, int], timeout: float = 10.0, *,
+                tls: tuple[ssl.SSLContext, frozenset[str]] | None = None) -> None:
+        """Start the non-blocking connect; forwarding begins once it completes. `tls`: (client context,
+        SPIFFE ids the server may present, empty for any) to originate mutual TLS after the connect."""
         self.upstream_addr = upstream_addr
+        self.tls = tls
         sock, err = sockets.connect(upstream_addr, mark=self.mark)
         self.upstream = sock
         if err and err != errno.EINPROGRESS:
@@ -343,10 +360,44 @@ class Forwarder:
             return
         if not mask & EPOLLOUT:
             return  # not connected yet
+        if self.tls is not None:
+            self._handshake(self.tls[0])
+            return
+        self._start(mask)
+
+    def _handshake(self, context: ssl.SSLContext) -> None:
+        """Originate TLS on the connected upstream, under what is left of the connect timeout."""
+        try:
+            self.upstream = context.wrap_socket(self.upstream, server_side=False,
+                                                do_handshake_on_connect=False)
+        except OSError as exc:
+            self._close("UF", f"tls_error: {exc}")
+            return
+        tls.Handshake(self.reactor, self.upstream, self._handshaken, register=False, confirm=True,
+                      timeout=max(self._connect_timer.when - time.monotonic(), 0.001))
+
+    def _handshaken(self, sock: tls.TlsSocket | None, reason: str) -> None:
+        if self.closed:
+            return
+        allowed = self.tls[1]  # type: ignore[index]
+        if sock is None or not tls.check_identity(sock.principal, allowed):
+            reason = reason or "SAN mismatch"
+            presented = sock.principal if sock else ""
+            tls.log_refused(self.upstream_addr, allowed, presented, reason)  # type: ignore[arg-type]
+            self._close("UF", "tls_error: " + reason)
+            return
+        self.upstream = sock
+        if sock.early:  # a server-first greeting's first byte: the fresh downstream takes it at once
+            with contextlib.suppress(OSError):
+                self.downstream.send(sock.early)
+        self._start(EPOLLOUT | EPOLLIN)  # the handshake took the edges: a server-first greeting may wait
+
+    def _start(self, mask: int) -> None:
+        """Connected (and handshaken): forward both ways."""
         reactor = self.reactor
         self._connect_timer.cancel()
         self.connect_time = time.monotonic() - self.started
-        down, up = self.downstream, sock
+        down, up = self.downstream, self.upstream
         self.d2u = d2u = _Half(self, down, up, self.splice)  # type: ignore[arg-type]
         self.u2d = u2d = _Half(self, up, down, self.splice)  # type: ignore[arg-type]
         d2u.peer, u2d.peer = u2d, d2u
@@ -386,7 +437,7 @@ class Forwarder:
         other = self.upstream if failed_is_down else self.downstream
         with contextlib.suppress(OSError):
             other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)  # type: ignore[union-attr]
-        reason = sockets.errno_name(exc.errno or 0)
+        reason = "tls_error" if isinstance(exc, ssl.SSLError) else sockets.errno_name(exc.errno or 0)
         if failed_is_down:
             self._close("DC", "downstream_" + reason)
         else:

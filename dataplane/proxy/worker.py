@@ -3,11 +3,16 @@
 Workers share the listening ports with SO_REUSEPORT, so the kernel spreads connections
 over them; each applies every config it is sent on its own (compiling it, keeping its
 clusters' outlier state across the swap) and answers whether it could.
+
+With `certs` (the node agent's certificate directory) the worker speaks Istio mutual TLS: its tick
+checks the directory's `version` once a second and swaps in new SSLContexts when it changed (new
+connections use them, open ones carry on with theirs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -21,8 +26,10 @@ from dataplane.proxy.listeners import INBOUND_PORT, OUTBOUND_PORT, SidecarListen
 from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.runtime import ConfigError, Runtime
 from dataplane.proxy.stats import Stats, Workload
+from dataplane.proxy.tls import WorkloadCerts
 
 TICK = 1.0  # outlier un-ejection, access-log flush
+LOCALHOST = "127.0.0.1"  # where pilot's inbound clusters send: the app beside the proxy
 
 
 @dataclass
@@ -33,14 +40,22 @@ class WorkerOptions:
     outbound_port: int = OUTBOUND_PORT
     inbound_port: int = INBOUND_PORT
     bind: str = "0.0.0.0"
-    explicit_host: str = "127.0.0.1"
+    explicit_host: str = "127.0.0.1"    # explicit mode: the outbound listeners (where the app sends)
+    inbound_host: str | None = None      # explicit mode: the inbound listener (peers); None: explicit_host
+    app_host: str = "127.0.0.1"          # where inbound traffic reaches the app
     access_log: bool = True
     mark: int = 0
+    certs: str | None = None             # the workload's certificate directory: mutual TLS
 
 
 def _http_factory() -> Any:
     from dataplane.proxy.http.server import HttpConnection
     return HttpConnection
+
+
+def _http_upstreams(runtime: Runtime) -> Any:
+    from dataplane.proxy.http.server import http_state
+    return http_state(runtime).upstreams
 
 
 class Worker:
@@ -50,9 +65,14 @@ class Worker:
         self.opts = opts
         self.log = Log("proxy.worker", proxy=opts.node_id, worker=index)
         self.reactor = Reactor()
-        self.runtime = Runtime(self.reactor, Stats(opts.workload), accesslog.create(opts.access_log),
+        self.certs = WorkloadCerts(opts.certs, log=self.log) if opts.certs else None
+        workload = opts.workload
+        if self.certs is not None and self.certs.maybe_reload():
+            workload = dataclasses.replace(workload, principal=self.certs.principal)
+        self.runtime = Runtime(self.reactor, Stats(workload), accesslog.create(opts.access_log),
                                opts.node_id)
         self.http = _http_factory()
+        _http_upstreams(self.runtime).certs = self.certs
         self.listeners: dict[Any, SidecarListener] = {}
         self._reader = FrameReader()
         if opts.mode == "transparent":
@@ -75,7 +95,8 @@ class Worker:
             self.log.error("cannot listen", address=f"{host}:{port}", error=str(exc))
             return
         self.listeners[key] = SidecarListener(self.runtime, sock, direction, explicit_port=explicit_port,
-                                              http_factory=self.http, mark=self.opts.mark)
+                                              http_factory=self.http, mark=self.opts.mark, certs=self.certs,
+                                              app_host=self.opts.app_host)
 
     def _sync_explicit(self) -> None:
         """Explicit mode: one loopback listener per outbound service port in the config, and,
@@ -89,7 +110,8 @@ class Worker:
             self.listeners.pop(key).close()
         for key in sorted(wanted - set(self.listeners)):
             if key[0] == "in":
-                self._listen(key, self.opts.explicit_host, self.opts.inbound_port, "inbound", key[1])
+                host = self.opts.inbound_host or self.opts.explicit_host
+                self._listen(key, host, self.opts.inbound_port, "inbound", key[1])
             else:
                 self._listen(key, self.opts.explicit_host, key[1], "outbound", key[1])
 
@@ -98,6 +120,11 @@ class Worker:
         for cluster in self.runtime.snapshot.clusters.values():
             cluster.tick(now_ms)
         self.runtime.access_log.tick(self.reactor.now)
+        certs = self.certs
+        if certs is not None and certs.maybe_reload():
+            stats = self.runtime.stats
+            if stats.local.principal != certs.principal:
+                stats.local = dataclasses.replace(stats.local, principal=certs.principal)
         self.reactor.call_later(TICK, self._tick)
 
     # control -------------------------------------------------------------------------------
@@ -126,6 +153,8 @@ class Worker:
         if op == "config":
             config = message.get("config") or {}
             version = str(config.get("version", ""))
+            if self.opts.app_host != LOCALHOST:
+                config = app_on(config, self.opts.app_host)
             try:
                 self.runtime.apply(config)
             except ConfigError as exc:
@@ -156,6 +185,16 @@ class Worker:
         finally:
             with contextlib.suppress(OSError):
                 self.ctrl.setblocking(False)
+
+
+def app_on(config: dict[str, Any], host: str) -> dict[str, Any]:
+    """`config` with its inbound clusters' endpoints (pilot's 127.0.0.1) moved to `host`: several
+    loopback pods cannot all have their app on 127.0.0.1:<port>, so each gets an address of its own."""
+    clusters, endpoints = config.get("clusters") or {}, config.get("endpoints") or {}
+    moved = {name: [{**ep, "address": host} if ep.get("address") == LOCALHOST else ep
+                    for ep in endpoints[name]]
+             for name, spec in clusters.items() if spec.get("direction") == "inbound" and name in endpoints}
+    return {**config, "endpoints": {**endpoints, **moved}} if moved else config
 
 
 def run_worker(index: int, ctrl: socket.socket, opts: WorkerOptions) -> None:

@@ -7,11 +7,10 @@ recoveries all happen within a few seconds.
 from __future__ import annotations
 
 import itertools
-import logging
-import shutil
+import os
 import stat
 import subprocess
-import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,124 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from bus import keys
 from bus.keys import Keyring
-from bus.loop import Loop
-from bus.rpc import Request, RpcClient, RpcError, RpcServer
-from bus.signing import Verifier
-from controlplane.citadel.authz import RegistrationsAuthorizer
-from controlplane.citadel.ca import CertificateAuthority
-from controlplane.citadel.pki import SigningCa, new_root
-from controlplane.citadel.service import Citadel
-from controlplane.debounce import Debouncer
-from controlplane.pilot.xds.server import Pilot, subscribe_galley
-from nodeagent.agent import NodeAgent, Upstream
-from nodeagent.certs import new_key_and_csr, split_pem
-from tests.bus.helpers import FAST_SUB, publisher, subscriber
-from tests.conftest import free_port, metric, wait_for
+from bus.rpc import RpcClient, RpcError
+from nodeagent.certs import CertDir, CertSet, new_key_and_csr, split_pem
+from tests.bus.helpers import subscriber
+from tests.conftest import metric, wait_for
+from tests.nodeagent.helpers import TTL, ControlPlane, Node, Records, node_agent_logs
 
-TTL = 4
 REVIEWS = "spiffe://cluster.local/ns/default/sa/reviews"
-
-
-def workload_yaml(wid: str, sa: str = "reviews", ip: str = "10.0.0.1") -> str:
-    return (f"id: {wid}\nnamespace: default\nservice_account: {sa}\nip: {ip}\n"
-            f"labels: {{app: {sa}}}\nports: {{http: 9080}}\n")
-
-
-class Records(logging.Handler):
-    """The node agent's log lines, with their key=value fields."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append((record.getMessage(), dict(getattr(record, "fields", {}))))
-
-    def matching(self, msg: str) -> list[dict[str, Any]]:
-        return [fields for m, fields in list(self.lines) if m == msg]
-
-
-def recording(handlers: dict[str, Any], seen: list[tuple[str, str, Any]]) -> dict[str, Any]:
-    """Wrap RPC handlers so every request body that reaches the server is kept."""
-    def wrap(method: str, handler: Any) -> Any:
-        def run(req: Request) -> Any:
-            seen.append((method, req.peer, req.body))
-            return handler(req)
-        return run
-    return {m: wrap(m, h) for m, h in handlers.items()}
-
-
-class ControlPlane:
-    """A galley publisher, pilot and citadel, each on its own loop; citadel can stop and come back
-    on the same ports with the same CA. Every RPC request pilot and citadel receive is recorded."""
-
-    def __init__(self, keydir: Path, loops: Any, lease: float = 15.0) -> None:
-        self.keydir = keydir
-        self.requests: list[tuple[str, str, Any]] = []
-        self.galley = publisher(loops("galley"), keydir, name="galley")
-        self.pilot_loop: Loop = loops("pilot")
-        ring = Keyring(keydir, "pilot")
-        self.pilot_pub = publisher(self.pilot_loop, keydir, name="pilot")
-        self.pilot: Pilot = self.pilot_loop.call_sync(
-            lambda: Pilot(self.pilot_loop, self.pilot_pub, Debouncer(0.02, 1.0), lease=lease))
-        self.pilot_loop.call_sync(lambda: subscribe_galley(
-            self.pilot_loop, self.pilot, pub_endpoint=self.galley.pub_endpoint,
-            snapshot_endpoint=self.galley.snapshot_endpoint, keyring=ring, server="galley",
-            verifier=Verifier(ring.trusted_signers),
-            **FAST_SUB))
-        handlers = self.pilot.rpc_handlers()
-        handlers.setdefault("workloads", self._workloads)  # citadel's node authorization asks pilot
-        self.pilot_rpc = self.pilot_loop.call_sync(lambda: RpcServer(
-            self.pilot_loop, "tcp://127.0.0.1:*", ring, recording(handlers, self.requests), name="pilot"))
-        self._authz_client = RpcClient(self.pilot_rpc.endpoint, Keyring(keydir, "citadel"), "pilot",
-                                       origin="citadel", timeout=0.5, retries=1)
-        root, root_key = new_root("cluster.local", time.time())
-        self.ca = CertificateAuthority(SigningCa(root, root_key),
-                                       RegistrationsAuthorizer(self._authz_client.call))
-        self.citadel_ports = {"rpc": free_port(), "pub": free_port(), "snapshot": free_port()}
-        self.citadel_loop: Loop | None = None
-        self.start_citadel()
-
-    def _workloads(self, req: Request) -> list[dict[str, str]]:
-        node = str((req.body or {}).get("node", ""))
-        return [{"namespace": w.namespace, "service_account": w.service_account}
-                for w in self.pilot.registry.registrations.workloads() if w.node == node]
-
-    def endpoint(self, socket: str) -> str:
-        return f"tcp://127.0.0.1:{self.citadel_ports[socket]}"
-
-    def start_citadel(self) -> None:
-        loop = self.citadel_loop = Loop("citadel").start()
-        ring = Keyring(self.keydir, "citadel")
-        pub = publisher(loop, self.keydir, name="citadel", pub_endpoint=self.endpoint("pub"),
-                        snapshot_endpoint=self.endpoint("snapshot"))
-        citadel = loop.call_sync(lambda: Citadel(loop, self.ca, pub))
-        loop.call_sync(lambda: RpcServer(loop, self.endpoint("rpc"), ring,
-                                         recording(citadel.rpc_handlers(), self.requests), name="citadel"))
-
-    def stop_citadel(self) -> None:
-        assert self.citadel_loop is not None
-        self.citadel_loop.stop()
-        self.citadel_loop = None
-
-    @property
-    def pilot_upstream(self) -> Upstream:
-        return Upstream("pilot", self.pilot_rpc.endpoint, self.pilot_pub.pub_endpoint,
-                        self.pilot_pub.snapshot_endpoint)
-
-    @property
-    def citadel_upstream(self) -> Upstream:
-        return Upstream("citadel", self.endpoint("rpc"), self.endpoint("pub"), self.endpoint("snapshot"))
-
-    def registered(self) -> dict[str, str]:
-        """Workload id -> node, as pilot holds them."""
-        return self.pilot_loop.call_sync(
-            lambda: {w.name: w.node for w in self.pilot.registry.registrations.workloads()})
-
-    def close(self) -> None:
-        if self.citadel_loop is not None:
-            self.citadel_loop.stop()
-        self._authz_client.close()
 
 
 @pytest.fixture
@@ -161,46 +49,8 @@ def cp(mesh_keys: Path, loops: Any) -> Iterator[ControlPlane]:
 
 @pytest.fixture
 def records() -> Iterator[Records]:
-    handler = Records()
-    logger = logging.getLogger("zmesh.nodeagent")
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-
-
-class Node:
-    """A node agent on its own loop, with a short run dir (unix socket paths are limited to 107 bytes)."""
-
-    def __init__(self, cp: ControlPlane, loops: Any, name: str = "nodeagent", **kw: Any) -> None:
-        self.run = Path(tempfile.mkdtemp(prefix="na-", dir="/tmp"))
-        self.workloads = self.run / "workloads"
-        self.workloads.mkdir()
-        self.loop: Loop = loops(name)
-        opts = {"cert_ttl": TTL, "poll_interval": 0.1, "backoff": (0.3, 1.0), "rpc_timeout": 0.5, **kw}
-        self.agent: NodeAgent = self.loop.call_sync(lambda: NodeAgent(
-            self.loop, Keyring(cp.keydir, name), run_dir=self.run, workloads_dir=self.workloads,
-            pilot=cp.pilot_upstream, citadel=cp.citadel_upstream, **opts))
-
-    def add(self, wid: str, **kw: Any) -> None:
-        tmp = self.workloads / f".{wid}.tmp"
-        tmp.write_text(workload_yaml(wid, **kw))
-        tmp.rename(self.workloads / f"{wid}.yaml")
-
-    def certs(self, wid: str) -> Path:
-        return self.run / "certs" / wid
-
-    def version(self, wid: str) -> str:
-        try:
-            return (self.certs(wid) / "version").read_text().strip()
-        except FileNotFoundError:
-            return ""
-
-    def leaf(self, wid: str) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(split_pem((self.certs(wid) / "cert-chain.pem").read_text())[0]
-                                              .encode())
-
-    def close(self) -> None:
-        shutil.rmtree(self.run, ignore_errors=True)
+    with node_agent_logs() as lines:
+        yield lines
 
 
 @pytest.fixture
@@ -434,3 +284,74 @@ def test_the_relay_gives_local_proxies_pilots_config_over_private_ipc(cp, nodes,
     assert wait_for(lambda: sorted(proxy.items()) == published, timeout=5)
     cp.pilot_pub.set("cfg/o/test/extra", {"hello": 1})
     assert wait_for(lambda: proxy.get("cfg/o/test/extra") == {"hello": 1}, timeout=5)
+
+
+def test_a_certificate_from_a_new_root_is_held_until_peers_can_trust_that_root(mesh_keys, loops,
+                                                                              records) -> None:
+    """Citadel signs with a new root at once; proxies reload the bundle on a tick. Installing the new
+    certificate before every peer trusts its root would get it refused, so the agent writes the bundle
+    first and the certificate only once the root has been known for `trust_settle_s`."""
+    plane = ControlPlane(mesh_keys, loops, retire_grace_s=30.0)  # the old root stays: watch the first step
+    node = Node(plane, loops, cert_ttl=600, trust_settle_s=3.0)
+    admin = RpcClient(plane.citadel_upstream.rpc, Keyring(plane.keydir, "meshctl"), "citadel", timeout=2)
+    try:
+        node.add("reviews-1")
+        assert wait_for(lambda: node.version("reviews-1"), timeout=5)
+        assert records.matching("certificate held until its root has settled") == []  # the first root
+        d = node.certs("reviews-1")
+        [old_root] = split_pem((d / "root-cert.pem").read_text())
+        new = admin.call("rotate_root", {})
+        assert wait_for(lambda: records.matching("certificate held until its root has settled"), timeout=5)
+        [held] = records.matching("certificate held until its root has settled")
+        assert held["identity"] == REVIEWS and 0 < held["hold_s"] <= 3.0
+        # the files: both roots already, the old root's certificate still
+        roots = split_pem((d / "root-cert.pem").read_text())
+        assert len(roots) == 2 and old_root in roots
+        old = x509.load_pem_x509_certificate(old_root.encode())
+        node.leaf("reviews-1").verify_directly_issued_by(old)
+        assert len(records.matching("certificate issued")) == 1
+
+        assert wait_for(lambda: len(records.matching("certificate issued")) == 2, timeout=6)
+        assert node.leaf("reviews-1").issuer.rfc4514_string() == new["subject"]
+        assert split_pem((d / "root-cert.pem").read_text()) == roots
+    finally:
+        admin.close()
+        node.close()
+        plane.close()
+
+
+def test_a_reader_that_sees_one_version_around_its_reads_holds_one_set(tmp_path: Path) -> None:
+    """The readers' protocol (tls.py's): read `version`, the files, `version` again; no `version` means
+    a write is under way. Against a writer swapping two sets back and forth, every set a reader
+    accepts must be one the writer wrote, never a new key beside the old chain."""
+    sets = [CertSet(f"key {i}\n".encode(), [f"chain {i}\n"], [f"root {i}\n"]) for i in range(2)]
+    by_version = {s.version: s for s in sets}
+    certs = CertDir(tmp_path, "w", (os.getuid(), os.getgid()))
+    certs.write(sets[0])
+    d = tmp_path / "w"
+    stop = threading.Event()
+
+    def writer() -> None:
+        for n in range(200):
+            certs.write(sets[n % 2])
+        stop.set()
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    accepted, mixed = 0, []
+    deadline = time.monotonic() + 30
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            before = (d / "version").read_text().strip()
+            got = ((d / "key.pem").read_bytes(), (d / "cert-chain.pem").read_text(),
+                   (d / "root-cert.pem").read_text())
+            if (d / "version").read_text().strip() != before:
+                continue
+        except FileNotFoundError:
+            continue
+        accepted += 1
+        want = by_version[before]
+        if got != (want.key_pem, "".join(want.chain), "".join(want.roots)):
+            mixed.append((before, got))
+    thread.join(10)
+    assert stop.is_set() and accepted > 0
+    assert mixed == []

@@ -6,6 +6,22 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+
+def run_on(reactor: Any, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run `fn` on `reactor`'s thread and return its result (or raise its exception) here."""
+    fut: Future = Future()
+
+    def call() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:
+            fut.set_exception(e)
+
+    reactor.call_soon_threadsafe(call)
+    return fut.result(timeout=timeout)
 
 
 class Backend:

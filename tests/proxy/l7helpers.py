@@ -9,7 +9,6 @@ import io
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.runtime import Runtime
 from dataplane.proxy.stats import LABELS, Stats, Workload
 from tests.proxy.backends import Backend as TcpBackend
+from tests.proxy.backends import run_on
 
 CLUSTER = "outbound|80||svc.default.svc.cluster.local"
 
@@ -174,16 +174,7 @@ class Proxy:
 
     def on_loop(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the reactor's thread and return its result."""
-        fut: Future = Future()
-
-        def call() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
-        self.reactor.call_soon_threadsafe(call)
-        return fut.result(timeout=10)
+        return run_on(self.reactor, fn)
 
     def apply(self, config: dict[str, Any]) -> None:
         self.on_loop(lambda: self.runtime.apply(config))

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -27,7 +26,7 @@ from dataplane.proxy.l4 import L4Listener
 from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.tcp import Forwarder
 from tests.conftest import ROOT, free_port, wait_for
-from tests.proxy.backends import Backend, echo
+from tests.proxy.backends import Backend, echo, run_on
 
 MODES = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
 
@@ -59,18 +58,7 @@ class Proxy:
 
     def on_loop(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the reactor's thread (or right here before it starts) and return its result."""
-        if self.thread is None:
-            return fn()
-        fut: Future = Future()
-
-        def call() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
-        self.reactor.call_soon_threadsafe(call)
-        return fut.result(timeout=5)
+        return fn() if self.thread is None else run_on(self.reactor, fn, timeout=5)
 
     def connections(self) -> list[Forwarder]:
         return self.on_loop(lambda: [c for lst in self.listeners for c in lst.connections])

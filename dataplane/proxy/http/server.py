@@ -37,6 +37,12 @@ Why it is shaped this way (the hot path is the point of this module):
   retried. The rest of a large
   Content-Length response body (SPLICE_MIN or more) moves socket to pipe to socket with splice,
   never through Python (as tcp.py does for bulk L4 data).
+* Batched writes: what goes to the client, and a request head going upstream, is queued and
+  written once the reactor has dispatched its whole batch of events (`call_soon`). Each write
+  wakes a peer (wrk, the app) that would otherwise preempt the worker in the middle of the batch,
+  which cost more than the writes themselves: under wrk this saves about 15% of the CPU per
+  request. The price is latency inside a busy batch (at most the rest of the batch), none when
+  events come one at a time. A large body's splice starts only behind a written head.
 * Timers cost only when armed: a route timeout, a per-try timeout, a fault delay or a retry
   back-off, and the header timeout only while a partial head is buffered. Idle keep-alive
   connections and draining are handled by one sweep a second per worker (`HttpState`).
@@ -54,13 +60,16 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
 
-from dataplane.proxy import routing, sockets
+from bus.logs import Log
+from dataplane.proxy import routing, sockets, tls
+from dataplane.proxy.authz import DENIED_BODY
 from dataplane.proxy.cluster import CONNECT_FAILURE, RESET, TIMEOUT, Cluster, Endpoint
+from dataplane.proxy.flags import RBAC
 from dataplane.proxy.flags import join as join_flags
 from dataplane.proxy.http.codec import (
     CLOSED,
@@ -99,8 +108,6 @@ _splice = os.splice
 _MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _ENDING = EPOLLRDHUP | EPOLLHUP | EPOLLERR  # a FIN or reset waits behind the data: read until it shows
-_read = os.read
-_write = os.write
 
 # Request fields never forwarded as received: hop-by-hop ones, the framing we redo, what the proxy
 # answers itself (Expect) or sets per try.
@@ -118,6 +125,7 @@ FAULT_ABORT = b"fault filter abort"
 
 _FRAME_AS_IS, _FRAME_CHUNK, _FRAME_RAW, _FRAME_TUNNEL = 0, 1, 2, 3  # how a response body goes downstream
 _UNKNOWN_PEER = Workload()
+_audit_log = Log("proxy.authz")  # AUDIT policies' matches, one line each
 
 
 class _Headers(Mapping[str, str]):
@@ -364,20 +372,21 @@ class HttpConnection:
 
     __slots__ = (
         "attempts", "body", "body_size", "c_auth", "c_plan", "c_snap", "closed", "closing", "cluster", "code",
-        "conn", "d_ending", "d_eof", "d_pending", "d_readable", "detail", "direction", "ep", "ep_live", "fd",
+        "conn", "d_ending", "d_eof", "d_pending", "d_read", "d_readable", "d_write", "detail", "direction",
+        "ep", "ep_live", "fd",
         "flags", "hash_key", "hdict", "head", "head_timer", "header_timeout", "idle_timeout", "in_pump",
         "inbound_cluster", "keep", "last", "linger_timer", "local", "local_str", "parser", "peer", "peer_str",
-        "pipe", "piped", "plan", "pool_wait", "race_retried", "rare", "reactor", "reporter", "req",
-        "req_bytes", "req_done", "resp", "resp_bytes", "resp_done", "resp_frame", "resp_head", "resp_ops",
-        "retries", "retry_held", "rid", "route_port", "route_timer", "rt", "sent_at", "skey", "snap", "sock",
-        "splice_left", "state", "t0", "tried", "try_timer", "tunnel", "up_cb", "up_ending", "up_got",
-        "up_hold", "up_pending", "up_queued", "up_readable", "wait_timer", "wall0",
+        "pipe", "piped", "plan", "pool_wait", "principal", "race_retried", "rare", "reactor", "reporter",
+        "req", "req_bytes", "req_done", "resp", "resp_bytes", "resp_done", "resp_frame", "resp_head",
+        "resp_ops", "retries", "retry_held", "rid", "route_port", "route_timer", "rt", "sent_at", "skey",
+        "snap", "sock", "splice_left", "state", "t0", "tried", "try_timer", "tunnel", "up_cb", "up_ending",
+        "up_got", "up_hold", "up_id", "up_pending", "up_queued", "up_readable", "wait_timer", "wall0",
     )
 
     def __init__(self, runtime: Any, sock: socket.socket, *, direction: str, route_port: str | None,
                  inbound_cluster: str | None, peer: tuple[str, int], local: tuple[str, int],
                  initial: bytes = b"", header_timeout: float = HEADER_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, principal: str = "") -> None:
         if direction not in ("outbound", "inbound"):
             raise ValueError(f"direction must be outbound or inbound, not {direction!r}")
         self.rt = runtime
@@ -385,6 +394,7 @@ class HttpConnection:
         self.reactor: Reactor = runtime.reactor
         self.sock = sock
         self.fd = sock.fileno()
+        self.d_read, self.d_write = tls.io_funcs(sock)  # the client's bytes: os.read/os.write, or TLS
         self.parser = RequestParser()
         self.direction = direction
         self.reporter = SOURCE if direction == "outbound" else DESTINATION
@@ -392,6 +402,7 @@ class HttpConnection:
         self.inbound_cluster = inbound_cluster if direction == "inbound" else None
         self.peer = peer
         self.local = local
+        self.principal = principal  # the peer's SPIFFE id when it came over mutual TLS, else ""
         self.peer_str = f"{peer[0]}:{peer[1]}"
         self.local_str = f"{local[0]}:{local[1]}"
         self.header_timeout = header_timeout
@@ -428,6 +439,7 @@ class HttpConnection:
         reading it (snapshot, plan, head, times...) is left; what only unusual requests touch is
         cleared only after one (`rare`)."""
         self.req = self.conn = self.resp = self.cluster = None
+        self.up_id = ""  # the upstream's SPIFFE id when the try went over mutual TLS
         self.ep_live = self.req_done = self.resp_done = False
         self.body: tuple[bytes, ...] | list[bytes] | None = ()
         self.head = b""
@@ -474,12 +486,12 @@ class HttpConnection:
 
     def _read_down(self) -> None:
         parser = self.parser
-        fd = self.fd
+        read = self.d_read
         while self.d_readable and not self.closed:
             if self.req is not None and parser.buffered >= MAX_BUFFER:
                 return  # the request waits on its peer: resumed when the exchange moves on
             try:
-                data = _read(fd, READ_SIZE)
+                data = read(READ_SIZE)
             except BlockingIOError:
                 self.d_readable = False
                 return
@@ -548,30 +560,34 @@ class HttpConnection:
             self._read_down()
 
     def _send_down(self, data: bytes) -> None:
+        """Queue `data` for the client: it is written after the current event batch, together with
+        whatever else the batch adds (see the module docstring: batched writes)."""
         if self.d_pending:
             self.d_pending += data
             return
-        try:
-            n = _write(self.fd, data)
-        except BlockingIOError:
-            n = 0
-        except OSError as e:
-            self._down_broken(e)
-            return
-        if n < len(data):
+        self.d_pending = data
+        self.reactor.call_soon(self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        if self.d_pending and not self.closed:
+            self._flush_down()
+
+    def _write_pending(self) -> bool:
+        """Write what waits for the client now; True when nothing is left."""
+        data = self.d_pending
+        if data:
+            try:
+                n = self.d_write(data)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                self._down_broken(e)
+                return False
             self.d_pending = data[n:]
+        return not self.d_pending
 
     def _flush_down(self) -> None:
-        data = self.d_pending
-        try:
-            n = _write(self.fd, data)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._down_broken(e)
-            return
-        self.d_pending = data[n:]
-        if self.d_pending:
+        if not self._write_pending():
             return
         if self.tunnel is not None:
             self.tunnel.resume_up()
@@ -635,7 +651,7 @@ class HttpConnection:
             return
         while True:
             try:
-                data = _read(self.fd, READ_SIZE)
+                data = self.d_read(READ_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -658,6 +674,9 @@ class HttpConnection:
             self.state.upstreams.close(tunnel.conn)
         if self.req is not None:
             self._account()
+        if self.d_pending:  # what this batch queued, e.g. an aborted response so far: best effort
+            with contextlib.suppress(OSError):
+                self.d_write(self.d_pending)
         self.reactor.unregister(self.fd)
         self.reactor.call_soon(self.sock.close)  # after this batch: the fd number is not reused meanwhile
         self.state.connections.discard(self)
@@ -675,6 +694,9 @@ class HttpConnection:
         self.snap = snap
         self.hdict = dict(req.headers)
         authority = req.host or self.local_str.encode()
+        if snap.authz.active and self.inbound_cluster is not None and not self._authorized(req, snap,
+                                                                                           authority):
+            return
         if authority == self.c_auth and snap is self.c_snap:
             plan = self.c_plan  # a keep-alive client asks the same host again: same route
         else:
@@ -698,6 +720,25 @@ class HttpConnection:
         self.cluster = cluster
         self.head = self._request_head(req, req.target, authority, None)
         self._attempt(cluster.pick())
+
+    def _authorized(self, req: Request, snap: Any, authority: bytes) -> bool:
+        """The workload's AuthorizationPolicies (authz.py); False after answering Envoy's 403."""
+        decision = snap.authz.check_http(self.peer[0], self.principal, self.local[1],
+                                         req.method.decode("latin-1"), req.target.decode("latin-1"),
+                                         authority.decode("latin-1"), _Headers(req.headers))
+        if decision.audit:
+            _audit_log.info("audit", proxy=self.rt.node_id, policy=decision.audit, allowed=decision.allowed,
+                            source=self.peer_str, principal=self.principal or "-",
+                            method=req.method.decode("latin-1"), path=req.target.decode("latin-1"))
+        if decision.allowed:
+            return True
+        state = self.state
+        if snap is not state.snapshot:
+            state.swap(snap)
+        self.skey = state.key(self.reporter, "inbound", snap.clusters.get(self.inbound_cluster))
+        self._flag(RBAC)
+        self._local_reply(403, DENIED_BODY)
+        return False
 
     def _plan(self, req: Request, snap: Any, authority: bytes) -> _Plan | None:
         """Route by Host (and the route's conditions); None after answering 404 (no route)."""
@@ -960,16 +1001,9 @@ class HttpConnection:
             self.up_hold = True
         elif conn.connected:
             self.reactor.set_callback(conn.fd, self.up_cb)
-            try:
-                n = _write(conn.fd, head)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self._up_write_failed()
-                return
-            if n < len(head):
-                self.up_pending.append(head[n:])
-                self.up_queued += len(head) - n
+            self.up_pending.append(head)  # written after this event batch, as downstream writes are
+            self.up_queued += len(head)
+            self.reactor.call_soon(self._flush_up_batch)
         else:
             self.up_pending.append(head)
             self.up_queued += len(head)
@@ -979,6 +1013,11 @@ class HttpConnection:
                 self.try_timer = self.reactor.call_later(self.plan.try_timeout, self._on_try_timeout)
         elif not self.in_pump:
             self._resume_down()
+
+    def _flush_up_batch(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.connected and self.up_pending and not self.closed:
+            self._flush_up()
 
     def upstream_connected(self, conn: UpstreamConn) -> None:
         self.reactor.set_callback(conn.fd, self.up_cb)
@@ -997,7 +1036,7 @@ class HttpConnection:
             self.up_queued += len(data)
             return
         try:
-            n = _write(conn.fd, data)
+            n = conn.write(data)
         except BlockingIOError:
             n = 0
         except OSError:
@@ -1012,7 +1051,7 @@ class HttpConnection:
         pending = self.up_pending
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         try:
-            n = _write(conn.fd, data)
+            n = conn.write(data)
         except BlockingIOError:
             return
         except OSError:
@@ -1052,11 +1091,12 @@ class HttpConnection:
     def _read_up(self) -> None:
         """Read the upstream while the client takes what it sends (back-pressure otherwise)."""
         conn = self.conn
-        fd = conn.fd
+        read = conn.read
+        self.up_id = conn.peer_id
         parser = conn.parser
         while True:
             try:
-                data = _read(fd, READ_SIZE)
+                data = read(READ_SIZE)
             except BlockingIOError:
                 self.up_readable = False
                 return
@@ -1118,8 +1158,8 @@ class HttpConnection:
             self._send_down(out[0] if len(out) == 1 else b"".join(out))
         resp = self.resp
         if (resp is not None and resp.content_length is not None
-                and resp.content_length - self.resp_bytes >= SPLICE_MIN and not self.d_pending):
-            return not self._start_splice(conn, resp.content_length - self.resp_bytes)
+                and resp.content_length - self.resp_bytes >= SPLICE_MIN and self._write_pending()):
+            return not self._start_splice(conn, resp.content_length - self.resp_bytes)  # behind the head
         return not self.closed
 
     def _start_splice(self, conn: UpstreamConn, left: int) -> bool:
@@ -1128,6 +1168,8 @@ class HttpConnection:
         gets a fresh parser: nothing else is pending on it (requests are not pipelined upstream)."""
         if self.resp_frame != _FRAME_AS_IS or conn.parser.buffered or self.closed:
             return False
+        if tls.is_tls(conn.sock) or tls.is_tls(self.sock):
+            return False  # TLS bytes go through OpenSSL, not a pipe
         pipe = take_pipe()
         if pipe is None:
             return False
@@ -1466,8 +1508,12 @@ class HttpConnection:
         now = self.reactor.now
         flags = join_flags(self.flags) if self.flags else "-"
         duration = (now - self.t0) * 1000
-        if self.skey is not None:
-            rt.stats.record_request(self.skey, self.code, flags, duration, len(self.head) + self.req_bytes,
+        key = self.skey
+        if key is not None:
+            peer_id = self.principal or self.up_id  # inbound: the client; outbound: the server
+            if peer_id:
+                key = rt.stats.mutual_tls(key, peer_id)
+            rt.stats.record_request(key, self.code, flags, duration, len(self.head) + self.req_bytes,
                                     self.resp_head + self.resp_bytes)
         if rt.access_log.enabled:
             self._log(req, flags, duration)
@@ -1567,7 +1613,7 @@ class _Shadow:
     def upstream_connected(self, conn: UpstreamConn) -> None:
         self.state.reactor.set_callback(conn.fd, self._on_event)
         try:
-            n = _write(conn.fd, self.data)
+            n = conn.write(self.data)
         except OSError:
             n = -1
         if n != len(self.data):  # best effort: no buffering for a slow mirror
@@ -1584,7 +1630,7 @@ class _Shadow:
         parser = conn.parser
         while self.conn is not None:
             try:
-                data = _read(conn.fd, READ_SIZE)
+                data = conn.read(READ_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -1639,8 +1685,8 @@ class _Tunnel:
         self.conn = conn
         reactor = owner.reactor
         owner.parser.start_tunnel()
-        self.down = _Way(owner.fd, conn.sock, conn.fd)  # client -> upstream
-        self.up = _Way(conn.fd, owner.sock, owner.fd)  # upstream -> client
+        self.down = _Way(owner.d_read, conn.sock, conn.write)  # client -> upstream
+        self.up = _Way(conn.read, owner.sock, owner.d_write)  # upstream -> client
         leftover_up = _drain(conn.parser)
         leftover_down = _drain(owner.parser)
         reactor.set_callback(owner.fd, self._on_down)
@@ -1691,11 +1737,10 @@ class _Tunnel:
         owner = self.owner
         if owner.tunnel is not self:
             return
-        scratch = owner.reactor.scratch_view
         try:
             if not owner.d_pending:
-                self.up.move(scratch)
-            self.down.move(scratch)
+                self.up.move(READ_SIZE)
+            self.down.move(READ_SIZE)
         except OSError:
             self.close()
             return
@@ -1716,14 +1761,14 @@ class _Tunnel:
 
 
 class _Way:
-    """One direction of a tunnel: read `src_fd`, write `dst`."""
+    """One direction of a tunnel: `read` the source, `write` to `dst` (plain or TLS, see tls.io_funcs)."""
 
-    __slots__ = ("done", "dst", "dst_fd", "eof", "moved", "pending", "readable", "src_fd")
+    __slots__ = ("done", "dst", "eof", "moved", "pending", "read", "readable", "write")
 
-    def __init__(self, src_fd: int, dst: socket.socket, dst_fd: int) -> None:
-        self.src_fd = src_fd
+    def __init__(self, read: Callable[[int], bytes], dst: Any, write: Callable[[Any], int]) -> None:
+        self.read = read
         self.dst = dst
-        self.dst_fd = dst_fd
+        self.write = write
         self.pending = b""
         self.readable = self.eof = self.done = False
         self.moved = 0
@@ -1731,35 +1776,34 @@ class _Way:
     def send(self, data: bytes) -> None:
         self.moved += len(data)
         try:
-            n = _write(self.dst_fd, data)
+            n = self.write(data)
         except BlockingIOError:
             n = 0
         self.pending = data[n:]
 
     def flush(self) -> None:
         try:
-            n = _write(self.dst_fd, self.pending)
+            n = self.write(self.pending)
         except BlockingIOError:
             return
         self.pending = self.pending[n:]
         if not self.pending and self.eof:
             self._finish()
 
-    def move(self, scratch: memoryview) -> None:
-        size = len(scratch)
+    def move(self, size: int) -> None:
         while self.readable and not self.pending and not self.eof:
             try:
-                n = os.readv(self.src_fd, [scratch])
+                data = self.read(size)
             except BlockingIOError:
                 self.readable = False
                 return
-            if not n:
+            if not data:
                 self.eof = True
                 self.readable = False
                 self._finish()
                 return
-            self.send(scratch[:n].tobytes())
-            if n < size:
+            self.send(data)
+            if len(data) < size:
                 self.readable = False
 
     def _finish(self) -> None:

@@ -23,6 +23,13 @@ The owner protocol: `upstream_connected(conn)` once a new connection is up (the 
 points the fd at its own handler), `upstream_failed(conn, detail)` when the connect fails or
 times out (the pool has already closed it), and `upstream_ready(conn)` when a pending owner gets
 a connection (an idle one, or a new one that will report `upstream_connected`).
+
+Istio mutual TLS (tls.py): to a cluster with `tls.mode: ISTIO_MUTUAL` (with `auto`, only to endpoints
+whose `tls_mode` is "istio") a new connection does the TLS handshake between the TCP connect and
+`upstream_connected`, and the server's SPIFFE id must be one the cluster names in `subject_alt_names`
+(else the endpoint's `service_account`). A failed handshake or a wrong identity is a connect failure
+(the owner's UF). The connection is reused for keep-alive as any other: one handshake, many requests.
+Owners read and write through `conn.read(n)` / `conn.write(data)`, which speak TLS when it is on.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import ssl
 from collections import deque
 from typing import Any, Protocol
 
-from dataplane.proxy import sockets
+from bus.logs import Log
+from dataplane.proxy import sockets, tls
 from dataplane.proxy.cluster import Cluster, ConnectionPool, Endpoint
 from dataplane.proxy.http.codec import ResponseParser
 from dataplane.proxy.reactor import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
@@ -45,6 +54,8 @@ SWEEP_INTERVAL = 1.0
 PENDING = "pending"  # acquire(): queued; the owner's upstream_ready() follows
 OVERFLOW = "overflow"  # acquire(): a circuit breaker is open (503, flag UO)
 
+_log = Log("proxy.upstream")
+
 
 class Owner(Protocol):
     def upstream_connected(self, conn: UpstreamConn) -> None: ...
@@ -55,14 +66,16 @@ class Owner(Protocol):
 class UpstreamConn:
     """One connection to an endpoint; `parser` is kept for its whole life (keep-alive)."""
 
-    __slots__ = ("_idle_cb", "closed", "connected", "fd", "idle_since", "owner", "parser", "pool", "reused",
-                 "served", "sock", "timer", "upstreams")
+    __slots__ = ("_idle_cb", "closed", "connected", "fd", "idle_since", "owner", "parser", "peer_id", "pool",
+                 "read", "reused", "served", "sock", "timer", "upstreams", "write")
 
     def __init__(self, upstreams: Upstreams, pool: EndpointPool, sock: socket.socket) -> None:
         self.upstreams = upstreams
         self.pool = pool
-        self.sock = sock
+        self.sock: Any = sock
         self.fd = sock.fileno()
+        self.read, self.write = tls.io_funcs(sock)
+        self.peer_id = ""  # the server's SPIFFE id over mutual TLS
         self.parser = ResponseParser()
         self.owner: Owner | None = None
         self.connected = False
@@ -81,10 +94,45 @@ class UpstreamConn:
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
-            self.connected = True
-            owner = self.owner
-            if owner is not None:
-                owner.upstream_connected(self)
+            context = self.upstreams.tls_context(self.pool)
+            if context is not None:
+                self._handshake(context)
+                return
+            self._connected()
+
+    def _connected(self) -> None:
+        self.connected = True
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_connected(self)
+
+    def _handshake(self, context: ssl.SSLContext) -> None:
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=False, do_handshake_on_connect=False)
+        except OSError as exc:
+            self.upstreams._connect_failed(self, "tls_error: " + str(exc))
+            return
+        timeout = self.pool.limits.connect_timeout_ms / 1000
+        tls.Handshake(self.upstreams.reactor, self.sock, self._handshaken, register=False, confirm=True,
+                      timeout=timeout)
+
+    def _handshaken(self, sock: tls.TlsSocket | None, reason: str) -> None:
+        if self.closed:
+            return
+        allowed = self.pool.tls or frozenset()
+        if sock is not None and sock.early:  # an HTTP server speaks only when asked
+            reason = "data before the request"
+        if sock is None or reason or not tls.check_identity(sock.principal, allowed):
+            reason = reason or "SAN mismatch"
+            tls.log_refused(self.pool.address, allowed, sock.principal if sock else "", reason,
+                            cluster=self.pool.cluster)
+            self.upstreams._connect_failed(self, "tls_error: " + reason)
+            return
+        self.sock = sock
+        self.read, self.write = sock.read, sock.send
+        self.peer_id = sock.principal
+        self.upstreams.reactor.set_callback(self.fd, self._idle_cb)  # until the owner points it at itself
+        self._connected()
 
     def _on_idle(self, _mask: int) -> None:
         """An idle connection is readable: the server closed it, or broke the protocol. Either way
@@ -95,10 +143,12 @@ class UpstreamConn:
 class EndpointPool:
     """The connections of one cluster endpoint, with the cluster's limits (updated on swaps)."""
 
-    __slots__ = ("address", "cluster", "idle", "idle_timeout", "limits", "max_requests", "open", "waiters")
+    __slots__ = ("address", "cluster", "ep", "idle", "idle_timeout", "limits", "max_requests", "open", "tls",
+                 "waiters")
 
     def __init__(self, cluster: Cluster, ep: Endpoint) -> None:
         self.address = (ep.address, ep.port)
+        self.ep = ep
         self.idle: list[UpstreamConn] = []
         self.waiters: deque[Owner] = deque()
         self.open = 0
@@ -111,6 +161,7 @@ class EndpointPool:
         http = (cluster.spec.get("connection_pool") or {}).get("http") or {}
         idle_ms = http.get("idle_timeout_ms")
         self.idle_timeout = idle_ms / 1000 if idle_ms else DEFAULT_IDLE_TIMEOUT
+        self.tls = tls.mutual_tls(cluster.spec.get("tls"), self.ep)  # SPIFFE ids to accept, or None: plain
 
 
 class Upstreams:
@@ -119,8 +170,24 @@ class Upstreams:
     def __init__(self, reactor: Reactor, stats: Stats | None = None) -> None:
         self.reactor = reactor
         self.stats = stats
+        self.certs: tls.WorkloadCerts | None = None  # the worker sets it when the proxy has --certs
         self.pools: dict[Endpoint, EndpointPool] = {}
         self._sweeper: Timer | None = None
+        self._warned_plain = False
+
+    def tls_context(self, pool: EndpointPool) -> ssl.SSLContext | None:
+        """The client context for a new connection of `pool`, or None for plain text (no mTLS asked,
+        or no certificates: Istio mTLS then falls back to plain text, said once)."""
+        if pool.tls is None:
+            return None
+        certs = self.certs
+        if certs is None or certs.client is None:
+            if not self._warned_plain:
+                self._warned_plain = True
+                _log.warning("ISTIO_MUTUAL cluster but no certificates (--certs): sending plain text",
+                             cluster=pool.cluster)
+            return None
+        return certs.client
 
     def pool(self, cluster: Cluster, ep: Endpoint) -> EndpointPool:
         """The pool of `ep` in `cluster` (kept across config swaps while the Endpoint object lives)."""
