@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -159,7 +160,9 @@ def run_citadel(keydir: str, cpu: int, endpoint: str, nodes: list[str], echo: bo
     ca = CertificateAuthority(SigningCa(root, key), StaticAuthorizer({n: ACCOUNTS for n in nodes}))
     if echo:
         canned = ca.sign(nodes[0], {"csr": make_csrs(1)[0]}, time.time()).reply()
-        RpcServer(loop, endpoint, ring, {"sign": lambda req: canned}, name="echo")
+        handlers = {"sign": lambda req: canned,
+                    "sign_batch": lambda req: {"results": [canned] * len(req.body["requests"])}}
+        RpcServer(loop, endpoint, ring, handlers, name="echo")
     else:
         pub = Publisher(loop, pub_endpoint="tcp://127.0.0.1:*", snapshot_endpoint="tcp://127.0.0.1:*",
                         keyring=ring, signer=Signer("citadel", ring.signing_key()), name="citadel")
@@ -173,8 +176,9 @@ def run_citadel(keydir: str, cpu: int, endpoint: str, nodes: list[str], echo: bo
 
 
 def run_client(index: int, cpus: set[int], keydir: str, endpoint: str, csrs: list[str], window: int,
-               warmup: float, duration: float, out: mp.Queue, go: mp.Event) -> None:
-    """One node agent process: `window` sign requests in flight; counts replies in the window."""
+               batch: int, warmup: float, duration: float, out: mp.Queue, go: mp.Event) -> None:
+    """One node agent process: `window` requests in flight, each `sign` (batch 1) or `sign_batch` of
+    `batch` CSRs, as the node agent sends every CSR due in one tick; counts certificates issued."""
     os.sched_setaffinity(0, cpus)
     from bus import logs
     from bus.keys import Keyring
@@ -193,11 +197,19 @@ def run_client(index: int, cpus: set[int], keydir: str, endpoint: str, csrs: lis
 
     def send() -> None:
         sent[0] += 1
-        client.call("sign", {"csr": csrs[sent[0] % len(csrs)]}, done)
+        if batch == 1:
+            client.call("sign", {"csr": csrs[sent[0] % len(csrs)]}, done)
+        else:
+            first = sent[0] * batch
+            client.call("sign_batch", {"requests": [{"csr": csrs[(first + i) % len(csrs)]}
+                                                    for i in range(batch)]}, done)
 
-    def done(reply: object, error: Exception | None) -> None:
-        key = "error" if error else ("refused" if "refused" in reply else "ok")  # type: ignore[operator]
-        counts[key] += 1
+    def done(reply: Any, error: Exception | None) -> None:
+        if error:
+            counts["error"] += batch
+        else:
+            for one in reply["results"] if batch > 1 else [reply]:
+                counts["refused" if "refused" in one else "ok"] += 1
         if running[0]:
             send()
 
@@ -240,8 +252,8 @@ def measure_bus(opts: argparse.Namespace, keydir: Path, work: Path, csrs: list[s
         kind, pid = out.get(timeout=60)
         assert kind == "ready", kind
         for i in range(opts.clients):
-            args = (i, client_cpus, str(keydir), endpoint, csrs, opts.window, opts.warmup, opts.duration,
-                    out, go)
+            args = (i, client_cpus, str(keydir), endpoint, csrs, opts.window, opts.batch, opts.warmup,
+                    opts.duration, out, go)
             procs.append(ctx.Process(target=run_client, args=args))
             procs[-1].start()
         for _ in range(opts.clients):
@@ -284,6 +296,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help="seconds measured over the bus (default 20, quick 5)")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--window", type=int, default=32, help="requests in flight per client")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="CSRs per request: 1 sends `sign`, more send `sign_batch` (as node agents do)")
     parser.add_argument("--profile", action="store_true", help="cProfile citadel's process; print the top")
     opts = parser.parse_args()
     opts.duration = opts.duration or (5.0 if opts.quick else 20.0)
@@ -302,7 +316,8 @@ def main() -> None:
         rows = baselines(csrs, 1.0 if opts.quick else 3.0)
         os.sched_setaffinity(0, set(cpus))
         log(f"server on cpu {citadel_cpu}; {opts.clients} client process(es) on cpus {sorted(client_cpus)}, "
-            f"{opts.window} requests in flight each; {opts.duration:.0f} s after {opts.warmup:.0f} s warm-up")
+            f"{opts.window} requests of {opts.batch} CSR(s) in flight each; {opts.duration:.0f} s after "
+            f"{opts.warmup:.0f} s warm-up")
         echo = measure_bus(opts, keydir, work, csrs, True, citadel_cpu, client_cpus)
         rows["bus_echo"] = (echo.rate, echo.cpu_us)
         bus = measure_bus(opts, keydir, work, csrs, False, citadel_cpu, client_cpus)
@@ -331,7 +346,7 @@ def report(opts: argparse.Namespace, rows: dict[str, tuple[float, float]], bus: 
         pstats.Stats(str(work / "citadel.prof"), stream=text).sort_stats("tottime").print_stats(20)
         print(text.getvalue())
     print(json.dumps({"benchmark": "identity_ca", "quick": opts.quick, "clients": opts.clients,
-                      "window": opts.window, "certs_per_s": round(bus.rate),
+                      "window": opts.window, "batch": opts.batch, "certs_per_s": round(bus.rate),
                       "citadel_cpu_us_per_cert": round(bus.cpu_us, 1),
                       "citadel_core_busy": round(bus.busy, 3),
                       "certs_per_s_per_core": round(capacity),

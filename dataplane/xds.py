@@ -7,6 +7,10 @@ A follower subscribes to the group, reads from its manifest which scope to follo
 update names the parts that changed; the whole config is assembled only if asked for. A
 set that is complete but does not fit together raises ValueError from `config()`, for the
 proxy to NACK.
+
+After a re-sync (a restarted pilot publishes the same content, so the same version) the
+version is not applied again, but `on_resync(version)` lets the proxy repeat its answer: the
+new pilot knows nothing of what its proxies run.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class ConfigFollower:
     def __init__(self, loop: Loop, *, pub_endpoint: str, snapshot_endpoint: str, topic: str,
                  keyring: Keyring | None, server: str, verifier: Verifier,
                  on_update: Callable[[ConfigUpdate], None], name: str = "proxy",
-                 silence_timeout: float = 3.0) -> None:
+                 silence_timeout: float = 3.0, on_resync: Callable[[str], None] | None = None) -> None:
         """Call from the loop thread (or through `loop.call_sync`)."""
         self.loop = loop
         self.topic = topic
@@ -54,6 +58,8 @@ class ConfigFollower:
         self.last_version = ""
         self.log = Log("xds", proxy=name)
         self._on_update = on_update
+        self._on_resync = on_resync
+        self._resynced = False  # since the last answer: a snapshot, or our manifest went away
         self._sub_kw: dict[str, Any] = {
             "pub_endpoint": pub_endpoint, "snapshot_endpoint": snapshot_endpoint, "keyring": keyring,
             "server": server, "verifier": verifier, "silence_timeout": silence_timeout,
@@ -70,6 +76,8 @@ class ConfigFollower:
     def _group_change(self, key: str, value: Any) -> None:
         suffix = key[len(self.topic):]
         self.assembler.local_change(suffix, value)
+        if suffix == MANIFEST and value is None:
+            self._resynced = True
         if suffix == MANIFEST:
             self._follow_scope()
             if self.group.incremental:
@@ -94,12 +102,19 @@ class ConfigFollower:
                                  name=f"{self._name}-shared", **self._sub_kw)
 
     def _synced(self, _sub: Subscriber) -> None:
+        self._resynced = True
         self._try()
 
     def _try(self) -> None:
         manifest = self.assembler.local_manifest or {}
         version = str(manifest.get("version", ""))
-        if not version or version == self.last_version or self.assembler.pending() is not None:
+        if not version or self.assembler.pending() is not None:
             return
+        if version == self.last_version:
+            if self._resynced and self._on_resync is not None:
+                self._resynced = False
+                self._on_resync(version)
+            return
+        self._resynced = False
         self.last_version = version
         self._on_update(ConfigUpdate(version, self.assembler.take_touched(), self.assembler))

@@ -52,6 +52,7 @@ class Sidecar:
         self._updates: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._done = threading.Event()
         self.on_result: Any = None  # (method, body) -> None: ACK/NACK to pilot, when on the bus
+        self.last_result: tuple[str, dict[str, Any]] | None = None  # repeated after a re-sync
         self.log.info("proxy started", workers=workers, mode=opts.mode, admin=f"{admin_host}:{admin_port}",
                       stats=f"{stats_host}:{stats_port}")
 
@@ -125,10 +126,18 @@ class Sidecar:
             if self.on_result is not None:
                 version = str(config.get("version", ""))
                 if error is None:
-                    self.on_result("ack", {"proxy": self.node_id, "version": version})
+                    self.last_result = ("ack", {"proxy": self.node_id, "version": version})
                 else:
-                    self.on_result("nack", {"proxy": self.node_id, "version": version, "error": error,
-                                            "in_force": in_force})
+                    self.last_result = ("nack", {"proxy": self.node_id, "version": version, "error": error,
+                                                 "in_force": in_force})
+                self.on_result(*self.last_result)
+
+    def repeat_result(self, version: str) -> None:
+        """Answer `version` again (a restarted pilot asks nobody what they run)."""
+        if self.on_result is not None and self.last_result is not None \
+                and self.last_result[1]["version"] == version:
+            self.log.info("re-sync: repeating our answer", method=self.last_result[0], version=version)
+            self.on_result(*self.last_result)
 
 
 def _follow_pilot(sidecar: Sidecar, bus: BusOptions) -> Any:
@@ -169,7 +178,7 @@ def _follow_pilot(sidecar: Sidecar, bus: BusOptions) -> Any:
     follower = loop.call_sync(lambda: ConfigFollower(
         loop, pub_endpoint=bus.pub_endpoint, snapshot_endpoint=bus.snapshot_endpoint, topic=topic,
         keyring=keyring, server=bus.server, verifier=Verifier(ring.trusted_signers), on_update=on_update,
-        name=node_id))
+        name=node_id, on_resync=sidecar.repeat_result))
     timers = []
     if bus.register:
         def heartbeat() -> None:

@@ -75,9 +75,6 @@ class Worker:
         _http_upstreams(self.runtime).certs = self.certs
         self.listeners: dict[Any, SidecarListener] = {}
         self._reader = FrameReader()
-        if opts.mode == "transparent":
-            self._listen(("out",), opts.bind, opts.outbound_port, "outbound", None)
-            self._listen(("in",), opts.bind, opts.inbound_port, "inbound", None)
         ctrl.setblocking(False)
         self.reactor.register(ctrl.fileno(), EPOLLIN, self._on_ctrl)
         self._tick()
@@ -97,6 +94,13 @@ class Worker:
         self.listeners[key] = SidecarListener(self.runtime, sock, direction, explicit_port=explicit_port,
                                               http_factory=self.http, mark=self.opts.mark, certs=self.certs,
                                               app_host=self.opts.app_host)
+
+    def _listen_transparent(self) -> None:
+        """15001 and 15006, once the first config is in force (as Envoy's listeners come with LDS):
+        a proxy starting beside a running one (SO_REUSEPORT) must not take connections it can
+        only pass through blind, and before any config there is nothing else to do with them."""
+        self._listen(("out",), self.opts.bind, self.opts.outbound_port, "outbound", None)
+        self._listen(("in",), self.opts.bind, self.opts.inbound_port, "inbound", None)
 
     def _sync_explicit(self) -> None:
         """Explicit mode: one loopback listener per outbound service port in the config, and,
@@ -161,6 +165,8 @@ class Worker:
                 return {"op": "rejected", "version": version, "error": str(exc)}
             if self.opts.mode == "explicit":
                 self._sync_explicit()
+            elif not self.listeners and not self.runtime.draining:
+                self._listen_transparent()
             return {"op": "applied", "version": version}
         if op == "stats":
             return {"op": "stats", "snapshot": self.runtime.stats.snapshot()}

@@ -142,7 +142,8 @@ def test_a_batch_is_signed_in_order_each_request_on_its_own_merits(mesh, tmp_pat
     assert metric("zmesh_citadel_certs_issued_total") == before + 2
     root, _, leaf = write_chain(tmp_path, short)
     openssl("verify", "-x509_strict", "-CAfile", str(root), str(leaf))
-    for bad in ({"requests": []}, {"requests": [{"csr": "x"}] * (MAX_BATCH + 1)}, {"csr": csr_pem(WEB)}, None):
+    too_many = {"requests": [{"csr": "x"}] * (MAX_BATCH + 1)}
+    for bad in ({"requests": []}, too_many, {"csr": csr_pem(WEB)}, None):
         with pytest.raises(RpcError, match="1 to 256 sign bodies"):
             mesh.call("nodeagent", "sign_batch", bad)
 

@@ -185,6 +185,28 @@ def test_a_garbage_config_file_is_reported_and_changes_nothing(tmp_path, echo) -
         proxy.stop()
 
 
+def test_transparent_listeners_open_only_once_a_config_is_in_force(tmp_path, echo) -> None:
+    """A proxy started beside a running one (a hand-over, SO_REUSEPORT) must not take connections
+    before it knows where they go."""
+    outbound, inbound = free_port(), free_port()
+    config = tcp_config("v1", free_port(), echo.port)
+    config["listeners"]["outbound_traffic_policy"] = "REGISTRY_ONLY"  # nothing loops back to us
+    proxy = Proxy(tmp_path, {"version": "v0"}, "--mode", "transparent", "--outbound-port", str(outbound),
+                  "--inbound-port", str(inbound), workers=1)
+    try:
+        log = tmp_path / "proxy.log"
+        assert wait_for(lambda: b"config rejected" in log.read_bytes(), timeout=15)
+        for port in (outbound, inbound):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        proxy.reload(config)
+        assert wait_for(proxy.ready, timeout=15)
+        for port in (outbound, inbound):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        proxy.stop()
+
+
 def test_a_dead_worker_stops_the_proxy_for_its_agent_to_restart(tmp_path, echo) -> None:
     import psutil
 
