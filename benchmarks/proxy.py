@@ -121,6 +121,9 @@ def main() -> None:
         value = results[k]
         shown = "-" if value is None else f"{value:.2f}"
         print(f"{k:<28} {shown:>10} {op + ' ' + str(bound):>10} {'yes' if met[k] else 'no':>5}")
+    reference = l7.get("two_haproxy_hops_added_p50_ms")
+    print(f"(reference, same run: two HAProxy http hops add "
+          f"{'-' if reference is None else f'{reference:.2f}'} ms p50 at the same paced rate)")
     print(json.dumps({"benchmark": "proxy", "quick": opts.quick, "results": results, "goals_met": met,
                       "l4": l4, "l7": l7, "idle": idle}))
 

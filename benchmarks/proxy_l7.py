@@ -16,8 +16,10 @@ Goal: zmesh >= 1.0x HAProxy req/s on the small body.
 
 Then the latency two sidecars add at a fixed 1000 req/s: p50 of zmesh-2hop minus p50 of direct,
 both paced by wrk with a Lua `delay()` script (wrk2 is not in Debian): 10 connections, each
-waiting 10 ms before its next request. At that rate nothing queues, so the difference is the
-sidecars' own latency.
+waiting an exponentially distributed time (mean 10 ms) before its next request, so arrivals are
+Poisson at 1000/s rather than a burst of 10 every 10 ms. Two HAProxy hops are measured the same
+way as the reference. At that rate little queues, so the difference is the proxies' own latency
+(on an idle machine that includes waking each process).
 
 Installs wrk, haproxy and nginx with apt-get when missing (helpers shared with proxy_l4.py).
 Everything runs on 127.0.0.1; every process it starts is stopped at the end. Progress goes to
@@ -153,7 +155,12 @@ def start_sidecar(procs: Procs, tmp: Path, config: dict[str, Any], workers: int,
 def paced_p50(port: int, seconds: float, tmp: Path) -> float | None:
     """p50 latency (ms) at PACED_RATE req/s: wrk, each connection waiting before every request."""
     script = tmp / "pace.lua"
-    script.write_text(f"function delay() return {1000 * PACED_CONNECTIONS / PACED_RATE:g} end\n")
+    mean_ms = 1000 * PACED_CONNECTIONS / PACED_RATE
+    # exponential gaps (Poisson arrivals): a constant delay() keeps the connections in step, so
+    # the "paced" load becomes a burst of PACED_CONNECTIONS requests every mean_ms, which measures
+    # queueing behind the burst, not a sidecar's latency; wrk truncates delays to whole ms
+    gap = f"-{mean_ms:g} * math.log(1 - math.random())"
+    script.write_text(f"function delay() return math.floor({gap} + 0.5) end\n")
     args = ["wrk", "-t1", f"-c{PACED_CONNECTIONS}", f"-d{seconds:g}s", "--latency", "-s", str(script),
             f"http://127.0.0.1:{port}/small"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
@@ -178,7 +185,7 @@ def main() -> None:
     ensure_tools()
     procs = Procs()
     samples: dict[tuple[str, str], list[Run]] = {(c, b): [] for c in configs for b, _ in bodies}
-    paced: dict[str, list[float]] = {"direct": [], "zmesh-2hop": []}
+    paced: dict[str, list[float]] = {"direct": [], "haproxy-2hop": [], "zmesh-2hop": []}
     tmp = Path(tempfile.mkdtemp(prefix="zmesh-proxy-l7-"))
     try:
         backend = start_nginx(procs, tmp)
@@ -189,6 +196,10 @@ def main() -> None:
             elif config == "haproxy":
                 port, proc = start_haproxy_http(procs, tmp, backend)
                 targets[config] = (port, [proc])
+                front = tmp / "haproxy-front"  # two HAProxy hops: the paced baseline for two sidecars
+                front.mkdir()
+                front_port, front_proc = start_haproxy_http(procs, front, port)
+                targets["haproxy-2hop"] = (front_port, [front_proc, proc])
             elif m := re.fullmatch(r"zmesh-(\d+)w", config):
                 port = free_port()
                 proc = start_sidecar(procs, tmp, client_config(backend, port), int(m.group(1)), config,
@@ -225,13 +236,19 @@ def main() -> None:
 
     runs, best = report(samples, configs, bodies, rounds, seconds)
     p50 = {k: (sorted(v)[len(v) // 2] if v else None) for k, v in paced.items()}
-    added = p50["zmesh-2hop"] - p50["direct"] if None not in p50.values() else None
+
+    def over_direct(config: str) -> float | None:
+        return p50[config] - p50["direct"] if p50[config] is not None and p50["direct"] is not None else None
+
+    added, haproxy_added = over_direct("zmesh-2hop"), over_direct("haproxy-2hop")
     print(f"\npaced at {PACED_RATE} req/s (wrk + Lua delay(), {PACED_CONNECTIONS} connections): "
-          f"p50 direct {fmt(p50['direct'], '.3f')} ms, two sidecars {fmt(p50['zmesh-2hop'], '.3f')} ms, "
-          f"added {fmt(added, '.3f')} ms")
+          f"p50 direct {fmt(p50['direct'], '.3f')} ms, two sidecars {fmt(p50['zmesh-2hop'], '.3f')} ms "
+          f"(added {fmt(added, '.3f')} ms), two HAProxy hops {fmt(p50['haproxy-2hop'], '.3f')} ms "
+          f"(added {fmt(haproxy_added, '.3f')} ms)")
     print(json.dumps({"benchmark": "proxy_l7", "seconds": seconds, "rounds": rounds, "goal": GOAL,
                       "access_log": opts.access_log, "best_vs_haproxy": best,
                       "paced_rate": PACED_RATE, "paced_p50_ms": p50, "two_sidecars_added_p50_ms": added,
+                      "two_haproxy_hops_added_p50_ms": haproxy_added,
                       "runs": [asdict(r) for r in runs]}))
 
 
