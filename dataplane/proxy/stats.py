@@ -4,7 +4,8 @@ Recording must cost a few microseconds, so nothing here touches prometheus_clien
 knows its own labels once and its peer's per route or cluster, so the caller builds a `Key`
 once per (peer, service, protocol, mTLS) with `Stats.request_key` and every request is then one
 dict lookup plus list updates (`record_request`; `record_tcp`, `tcp_opened`, `tcp_closed` for
-L4). Prometheus text is produced only when scraped.
+L4). Prometheus text is produced only when scraped. A peer known from Istio's metadata exchange
+(peer_metadata.py) is put into such a Key by `with_peer`, cached by the caller per peer and Key.
 
 Metrics and labels are Istio's (istio/proxy `istio_stats`): `istio_requests_total`,
 `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`,
@@ -74,6 +75,14 @@ _SRC_NS, _SRC_PRINCIPAL = LABELS.index("source_workload_namespace"), LABELS.inde
 _DST_NS = LABELS.index("destination_workload_namespace")
 _DST_PRINCIPAL = LABELS.index("destination_principal")
 _DST_SERVICE_NS = LABELS.index("destination_service_namespace")
+# where a peer's workload goes in the head: (name, namespace, app, version, canonical service and
+# revision, cluster) for each reporter; principals come from mutual TLS, not from metadata
+_PEER_AT = {
+    reporter: tuple(LABELS.index(f"{side}_{n}") for n in (
+        "workload", "workload_namespace", "app", "version", "canonical_service", "canonical_revision",
+        "cluster"))
+    for reporter, side in ((DESTINATION, "source"), (SOURCE, "destination"))
+}
 TCP_LABELS: tuple[str, ...] = tuple(n for n in LABELS if n not in ("response_code", "grpc_response_status"))
 
 REQUESTS_TOTAL = "istio_requests_total"
@@ -221,6 +230,21 @@ class Stats:
         labels = tuple(head)
         found = self._mtls_keys[k] = self._by_labels.setdefault((labels, policy), Key(labels, policy))
         return found
+
+    def with_peer(self, key: Key, peer: Workload) -> Key:
+        """`key` with the peer's workload labels from metadata exchange (peer_metadata.py): `source_*`
+        for the destination reporter, `destination_*` for the source one. Not cached here: the
+        caller keeps one result per (peer, key)."""
+        head = list(key.head)
+        values = (peer.name or UNKNOWN, peer.namespace or UNKNOWN, peer.app or UNKNOWN,
+                  peer.version or UNKNOWN, peer.canonical_service or UNKNOWN,
+                  peer.canonical_revision or LATEST, peer.cluster or UNKNOWN)
+        for i, value in zip(_PEER_AT[head[0]], values, strict=True):
+            head[i] = value
+        if head[0] == SOURCE and head[_DST_SERVICE_NS] == UNKNOWN:
+            head[_DST_SERVICE_NS] = head[_DST_NS]
+        labels = tuple(head)
+        return self._by_labels.setdefault((labels, key.policy), Key(labels, key.policy))
 
     def record_request(self, key: Key, code: int, flags: str, duration_ms: float, request_bytes: int,
                        response_bytes: int, grpc_status: int | None = None) -> None:

@@ -195,14 +195,6 @@ def app() -> Iterator[Backend]:
     b.close()
 
 
-@pytest.fixture
-def sides() -> Iterator[list[Side]]:
-    made: list[Side] = []
-    yield made
-    for side in made:
-        side.close()
-
-
 def tls_client(directory: Path | None, roots: Path) -> ssl.SSLContext:
     """What a peer sidecar (or a test client) offers: TLS 1.3, the workload cert, the trust bundle."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

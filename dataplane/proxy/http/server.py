@@ -47,6 +47,12 @@ Why it is shaped this way (the hot path is the point of this module):
   back-off, and the header timeout only while a partial head is buffered. Idle keep-alive
   connections and draining are handled by one sweep a second per worker (`HttpState`).
 
+Istio's metadata exchange (peer_metadata.py), so the metrics name both workloads: requests to an
+in-mesh upstream (the endpoint's pool does Istio mTLS) carry our precomputed metadata lines; the
+peer's, from a request (inbound) or a response (outbound), go through the worker's PeerCache to a
+`Peer` whose stats keys are cached per route key; an inbound request that carried metadata is
+answered with ours. Peers' metadata fields are always dropped, so apps never see them.
+
 Local replies carry Envoy's bodies and response flags (flags.py), keep the connection alive
 when the request was read whole, and close it otherwise. A bad request gets the codec's status
 and a close; a client that stalls mid-head gets 408 after `header_timeout`.
@@ -66,7 +72,7 @@ from http import HTTPStatus
 from typing import Any
 
 from bus.logs import Log
-from dataplane.proxy import routing, sockets, tls
+from dataplane.proxy import peer_metadata, routing, sockets, tls
 from dataplane.proxy.authz import DENIED_BODY
 from dataplane.proxy.cluster import CONNECT_FAILURE, RESET, TIMEOUT, Cluster, Endpoint
 from dataplane.proxy.flags import RBAC
@@ -110,11 +116,13 @@ _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _ENDING = EPOLLRDHUP | EPOLLHUP | EPOLLERR  # a FIN or reset waits behind the data: read until it shows
 
 # Request fields never forwarded as received: hop-by-hop ones, the framing we redo, what the proxy
-# answers itself (Expect) or sets per try.
+# answers itself (Expect) or sets per try, and peers' metadata (never seen by apps or non-mesh clients).
 _REQ_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
-                       b"upgrade", b"expect", b"x-envoy-attempt-count", b"http2-settings"})
+                       b"upgrade", b"expect", b"x-envoy-attempt-count", b"http2-settings",
+                       *peer_metadata.HEADERS})
 _RESP_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
-                        b"upgrade"})
+                        b"upgrade", *peer_metadata.HEADERS})
+_PEER_MD = peer_metadata.HEADER
 _CONN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})  # Connection tokens naming no field
 
 # Envoy's local reply bodies
@@ -261,6 +269,21 @@ class HttpState:
         self.keys: dict[tuple[str, str, str], Key] = {}
         self.original: dict[tuple[str, int], Endpoint] = {}
         self._sweeper: Timer | None = None
+        self.peers = peer_metadata.PeerCache()  # metadata exchange: the peers seen so far
+        self.md_local: Workload | None = None
+        self.md_lines = b""
+        self.md_fields: list[bytes] = []
+        self.own_metadata()  # now: a proxy id unfit for a header fails the worker's start, not a request
+
+    def own_metadata(self) -> bytes:
+        """Our metadata exchange header lines (outbound requests to the mesh; `md_fields` for inbound
+        replies), built once per Workload: a new connection picks up a changed one."""
+        local = self.runtime.stats.local
+        if local is not self.md_local:
+            self.md_local = local
+            self.md_lines = peer_metadata.header_lines(local, self.runtime.node_id)
+            self.md_fields = self.md_lines[:-2].split(b"\r\n")
+        return self.md_lines
 
     def swap(self, snapshot: Any) -> None:
         """A new config is in force: plans are rebuilt on demand, pools of gone endpoints closed."""
@@ -375,8 +398,9 @@ class HttpConnection:
         "conn", "d_ending", "d_eof", "d_pending", "d_read", "d_readable", "d_write", "detail", "direction",
         "ep", "ep_live", "fd",
         "flags", "hash_key", "hdict", "head", "head_timer", "header_timeout", "idle_timeout", "in_pump",
-        "inbound_cluster", "keep", "last", "linger_timer", "local", "local_str", "parser", "peer", "peer_str",
-        "pipe", "piped", "plan", "pool_wait", "principal", "race_retried", "rare", "reactor", "reporter",
+        "inbound_cluster", "keep", "last", "linger_timer", "local", "local_str", "md", "md_out", "parser",
+        "peer", "peer_md", "peer_str", "pipe", "piped", "plan", "pool_wait", "principal", "race_retried",
+        "rare", "reactor", "reporter",
         "req", "req_bytes", "req_done", "resp", "resp_bytes", "resp_done", "resp_frame", "resp_head",
         "resp_ops", "retries", "retry_held", "rid", "route_port", "route_timer", "rt", "sent_at", "skey",
         "snap", "sock", "splice_left", "state", "t0", "tried", "try_timer", "tunnel", "up_cb", "up_ending",
@@ -403,6 +427,9 @@ class HttpConnection:
         self.peer = peer
         self.local = local
         self.principal = principal  # the peer's SPIFFE id when it came over mutual TLS, else ""
+        # outbound: our metadata lines for in-mesh upstreams; None inbound
+        md = self.state.own_metadata()
+        self.md_out: bytes | None = md if direction == "outbound" else None
         self.peer_str = f"{peer[0]}:{peer[1]}"
         self.local_str = f"{local[0]}:{local[1]}"
         self.header_timeout = header_timeout
@@ -440,6 +467,8 @@ class HttpConnection:
         cleared only after one (`rare`)."""
         self.req = self.conn = self.resp = self.cluster = None
         self.up_id = ""  # the upstream's SPIFFE id when the try went over mutual TLS
+        self.md = False  # inbound: the request carried peer metadata; outbound: this try sent ours
+        self.peer_md: peer_metadata.Peer | None = None  # the peer's workload, from its metadata
         self.ep_live = self.req_done = self.resp_done = False
         self.body: tuple[bytes, ...] | list[bytes] | None = ()
         self.head = b""
@@ -692,7 +721,12 @@ class HttpConnection:
             self.wall0 = time.time()
         snap = rt.snapshot
         self.snap = snap
-        self.hdict = dict(req.headers)
+        hdict = self.hdict = dict(req.headers)
+        if self.md_out is None:
+            md = hdict.get(_PEER_MD)
+            if md is not None:
+                self.md = True
+                self.peer_md = self.state.peers.get(md)
         authority = req.host or self.local_str.encode()
         if snap.authz.active and self.inbound_cluster is not None and not self._authorized(req, snap,
                                                                                            authority):
@@ -989,6 +1023,10 @@ class HttpConnection:
         self.up_got = self.up_readable = self.up_ending = False
         conn.parser.request_sent(req.method)
         head = self.head
+        if self.md_out is not None:
+            self.md = conn.pool.tls is not None  # in the mesh: tell it who we are (as Istio's sidecar)
+            if self.md:
+                head = head[:-2] + self.md_out + b"\r\n"
         if self.attempts > 1:
             head = head[:-2] + b"x-envoy-attempt-count: %d\r\n\r\n" % self.attempts
         if self.body:
@@ -1236,12 +1274,18 @@ class HttpConnection:
         drop = _RESP_DROP.union(conn_tokens) if conn_tokens and not _CONN_TOKENS.issuperset(conn_tokens) \
             else _RESP_DROP
         fields = resp.headers
+        if self.md and self.md_out is not None:
+            for name, value in fields:  # outbound to the mesh: the server's metadata, if it sent any
+                if name == _PEER_MD:
+                    self.peer_md = self.state.peers.get(value)
         ops = self.resp_ops
         if ops is not None:
             fields = ops.apply(fields)
         lines = [b": ".join(f) for f in fields if f[0] not in drop]
         if ops is not None:
             lines += ops.add
+        if self.md and self.md_out is None:
+            lines += self.state.md_fields  # inbound: answer the peer's metadata with ours
         lines.append(b"x-envoy-upstream-service-time: %d" % ((self.reactor.now - self.sent_at) * 1000))
         if self.attempts > 1:
             lines.append(b"x-envoy-attempt-count: %d" % self.attempts)
@@ -1437,6 +1481,8 @@ class HttpConnection:
             lines.append(b"content-type: text/plain")
         if fields:
             lines += fields
+        if self.md and self.md_out is None:
+            lines += self.state.md_fields
         if not keep:
             lines.append(b"connection: close")
         elif req.version == b"1.0":
@@ -1510,6 +1556,9 @@ class HttpConnection:
         duration = (now - self.t0) * 1000
         key = self.skey
         if key is not None:
+            peer = self.peer_md
+            if peer is not None:
+                key = peer.keys.get(key) or peer.key(rt.stats, key)
             peer_id = self.principal or self.up_id  # inbound: the client; outbound: the server
             if peer_id:
                 key = rt.stats.mutual_tls(key, peer_id)
