@@ -21,8 +21,9 @@ from typing import Any
 
 from bus.keys import Keyring
 from bus.logs import Log
-from bus.loop import Loop
+from bus.loop import Loop, Timer
 from bus.pubsub import Subscriber
+from bus.rpc import AsyncRpcClient
 from bus.signing import Verifier
 from controlplane.pilot.networking.parts import MANIFEST, SHARED_PREFIX, Assembler
 
@@ -118,3 +119,21 @@ class ConfigFollower:
         self._resynced = False
         self.last_version = version
         self._on_update(ConfigUpdate(version, self.assembler.take_touched(), self.assembler))
+
+
+def keep_registered(loop: Loop, rpc: AsyncRpcClient, node: str, proxy_id: str,
+                    registration: Callable[[], dict[str, Any]], interval: float,
+                    on_done: Callable[[Any, Exception | None], None] | None = None) -> Timer:
+    """Renew our lease every `interval` (call from the loop thread). A pilot that no longer knows
+    `proxy_id` (it restarted, or the lease ran out) gets `registration()` again: the body as it is
+    now, with the version in force, so pilot knows at once what we run."""
+    def renewed(reply: Any, error: Exception | None) -> None:
+        if error is None and proxy_id in (reply or {}).get("missing", ()):
+            rpc.call("register", registration(), on_done or _ignore)
+
+    body = {"node": node, "ids": [proxy_id]}
+    return loop.call_every(interval, lambda: rpc.call("heartbeat", body, renewed))
+
+
+def _ignore(_reply: Any, _error: Exception | None) -> None:
+    """A register that fails is retried by the next heartbeat."""

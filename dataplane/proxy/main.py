@@ -147,7 +147,7 @@ def _follow_pilot(sidecar: Sidecar, bus: BusOptions) -> Any:
     from bus.rpc import AsyncRpcClient
     from bus.signing import Verifier
     from controlplane.pilot.xds import groups
-    from dataplane.xds import ConfigFollower, ConfigUpdate
+    from dataplane.xds import ConfigFollower, ConfigUpdate, keep_registered
 
     loop = Loop("proxy-bus").start()
     ring = Keyring(bus.key_dir, bus.name) if bus.key_dir else None
@@ -158,12 +158,11 @@ def _follow_pilot(sidecar: Sidecar, bus: BusOptions) -> Any:
     node_id = sidecar.node_id
     workload = {**bus.workload, "id": node_id, "node": bus.workload.get("node", node_id)}
 
-    def register() -> None:  # pilot may not be up yet: heartbeats register again until it is
-        body = {**workload, "version": sidecar.state.version}
-        rpc.call("register", body, _log_failure(sidecar, "register"))
+    def registration() -> dict[str, Any]:
+        return {**workload, "version": sidecar.state.version}
 
-    if bus.register:
-        loop.call_sync(register)
+    if bus.register:  # pilot may not be up yet: heartbeats register again until it is
+        loop.call_sync(lambda: rpc.call("register", registration(), _log_failure(sidecar, "register")))
     topic = groups.topic(groups.group_id(workload.get("namespace", "default"), workload.get("labels") or {},
                                          workload.get("service_account", "default")))
     keyring = None if bus.pub_endpoint.startswith("ipc://") else ring
@@ -181,12 +180,9 @@ def _follow_pilot(sidecar: Sidecar, bus: BusOptions) -> Any:
         name=node_id, on_resync=sidecar.repeat_result))
     timers = []
     if bus.register:
-        def heartbeat() -> None:
-            def renewed(result: Any, error: Exception | None) -> None:
-                if error is None and node_id in result.get("missing", ()):  # pilot (re)started
-                    register()
-            rpc.call("heartbeat", {"node": workload["node"], "ids": [node_id]}, renewed)
-        timers.append(loop.call_sync(lambda: loop.call_every(HEARTBEAT, heartbeat)))
+        registered = _log_failure(sidecar, "register")
+        timers.append(loop.call_sync(lambda: keep_registered(
+            loop, rpc, workload["node"], node_id, registration, HEARTBEAT, registered)))
 
     def stop() -> None:
         def close() -> None:

@@ -15,7 +15,7 @@ from bus.keys import Keyring
 from bus.loop import Loop
 from bus.rpc import AsyncRpcClient
 from bus.signing import Verifier
-from dataplane.xds import ConfigFollower, ConfigUpdate
+from dataplane.xds import ConfigFollower, ConfigUpdate, keep_registered
 
 
 class SimProxy:
@@ -78,21 +78,11 @@ class SimProxy:
         """ACK/NACK without blocking the loop; pilot away: the next change is ACKed anew."""
         self._rpc.call(method, body, lambda _result, _error: None)
 
-    def heartbeat(self) -> None:
-        """Renew our lease; a pilot that no longer knows us (it restarted) gets us again."""
-        reply = self._rpc.call_wait("heartbeat", {"node": self.id, "ids": [self.id]})
-        if self.id in reply.get("missing", ()):
-            self._rpc.call_wait("register", {**self.workload, "version": self.applied})
-
     def heartbeat_every(self, interval: float) -> None:
-        """Renew from the loop on a timer, as a node agent does, without blocking anyone."""
-        def renewed(reply: Any, error: Exception | None) -> None:
-            if error is None and self.id in reply.get("missing", ()):
-                self._rpc.call("register", {**self.workload, "version": self.applied},
-                               lambda _result, _error: None)
-        self._heartbeats = self.loop.call_sync(lambda: self.loop.call_every(
-            interval, lambda: self._rpc.call("heartbeat", {"node": self.id, "ids": [self.id]}, renewed)),
-            timeout=60)
+        """Renew from the loop on a timer, as the sidecar does, without blocking anyone."""
+        self._heartbeats = self.loop.call_sync(lambda: keep_registered(
+            self.loop, self._rpc, self.id, self.id, lambda: {**self.workload, "version": self.applied},
+            interval), timeout=60)
 
     def close(self) -> None:
         if self._heartbeats is not None:

@@ -169,7 +169,7 @@ def test_a_pilot_restart_gives_reconnecting_proxies_the_same_version_without_a_s
         keyring=ring, server="galley", verifier=Verifier(ring.trusted_signers)))
     loop.call_sync(lambda: serve_rpc(loop, pilot, rpc_endpoint, ring))
     for p in proxies:
-        p.heartbeat()  # "renewed: 0", so each registers again
+        p.heartbeat_every(0.2)  # the new pilot reports them missing, so each registers again
     # they said which version they run, pilot computes the same one: SYNCED with no re-apply
     assert wait_for(lambda: all(pilot.status.state(p.id, time.monotonic()) == SYNCED for p in proxies),
                     timeout=10)
