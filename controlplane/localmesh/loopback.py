@@ -17,7 +17,6 @@ and a later run sweeps what a crashed one did (there is no namespace to delete h
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -25,13 +24,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from bus import endpoints, keys
 from bus.logs import Log
@@ -207,16 +203,10 @@ class LoopbackMesh(Mesh):
         self._step("waiting for every sidecar to be ready and SYNCED", lambda: self.wait_ready(timeout))
 
     def _prepare_run_dir(self) -> None:
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not (self.run_dir / MARKER).exists():  # never wipe a directory we did not make
-                raise MeshError(f"{self.run_dir} is not empty and not a run directory of ours")
-            old = self.run_dir / "state.json"
-            if old.exists():  # a crashed run's processes, by PID, before its files go
-                netns.teardown(netns.State.load(old), grace=1.0)
-            shutil.rmtree(self.run_dir)
-        for d in (self.run_dir, self.logs, self.config_dir, self.node_dir / "workloads"):
-            d.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / MARKER).write_text("meshctl up's run directory: `meshctl up` replaces it\n")
+        old = self.run_dir / "state.json"
+        if (self.run_dir / MARKER).exists() and old.exists():  # a crashed run's processes, by PID, first
+            netns.teardown(netns.State.load(old), grace=1.0)
+        super()._prepare_run_dir()
 
     def _keys(self) -> None:
         for name in ("galley", "pilot", "citadel", "meshctl", NODE, PROXY_KEY):
@@ -249,10 +239,7 @@ class LoopbackMesh(Mesh):
                 version, "--host", host, "--port", str(port), *extra]
 
     def _node_agent(self) -> None:
-        for pod in self.layout.pods:
-            workload = {"id": pod.name, "namespace": "default", "service_account": pod.service_account,
-                        "ip": pod.ip, "labels": pod.labels, "ports": {"http": APP_PORT} if pod.serves else {}}
-            (self.node_dir / "workloads" / f"{pod.name}.yaml").write_text(yaml.safe_dump(workload))
+        self._write_workloads()
         host = self.cp_host
         self._start(NODE, self._meshctl(
             "nodeagent", "--keys", str(self.key_dir), "--name", NODE, "--run-dir", str(self.node_dir),
@@ -285,27 +272,9 @@ class LoopbackMesh(Mesh):
 
     # ---- readiness and status
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        waiting = {pod.name: pod for pod in self.layout.pods}
-        while waiting and time.monotonic() < deadline:
-            self._check_alive()
-            for name, pod in list(waiting.items()):
-                with contextlib.suppress(OSError):
-                    health = self.ports(pod).health
-                    status, _ = self.http(None, "127.0.0.1", health, "/healthz/ready", timeout=1.0)
-                    if status == 200:
-                        del waiting[name]
-            time.sleep(0.2)
-        if waiting:
-            raise MeshError(f"not ready after {timeout:g}s: {', '.join(sorted(waiting))} (logs: {self.logs})")
-        rows: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            rows = self.proxy_status()
-            if len(rows) == len(self.layout.pods) and all(r["state"] == "SYNCED" for r in rows):
-                return
-            time.sleep(0.3)
-        raise MeshError(f"proxies not SYNCED after {timeout:g}s: {rows}")
+    def _ready(self, pod: Pod) -> bool:
+        """The pod's agent on its own health port (every pod shares the host's network)."""
+        return self.http(None, "127.0.0.1", self.ports(pod).health, "/healthz/ready", timeout=1.0)[0] == 200
 
     def proxy_status(self) -> list[dict[str, Any]]:
         """`meshctl proxy-status -o json`."""

@@ -16,6 +16,7 @@ which exist only inside the pods (the ClusterIP stand-in: iptables sends them to
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -180,13 +181,7 @@ class Mesh:
         swept = netns.sweep_stale()
         if swept:
             self.say(f"removed {len(swept)} namespaces left by a crashed earlier run")
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not (self.run_dir / MARKER).exists():  # never wipe a directory we did not make
-                raise MeshError(f"{self.run_dir} is not empty and not a run directory of ours")
-            shutil.rmtree(self.run_dir)
-        for d in (self.run_dir, self.logs, self.config_dir, self.node_dir / "workloads"):
-            d.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / MARKER).write_text("meshctl up's run directory: `meshctl up` replaces it\n")
+        self._prepare_run_dir()
         self.run_dir.chmod(0o755)  # sidecars running as 1337 reach their key and certificates below
         self.state.info = {"pid": os.getpid(), "run_id": self.run_id, "cp_ip": self.layout.cp_ip,
                            "key_dir": str(self.key_dir), "pod_cidr": self.layout.pod_cidr}
@@ -198,6 +193,16 @@ class Mesh:
         self._step(f"{len(self.layout.pods)} pods (istio-init rules, app, agent + sidecar as 1337)",
                    self._pods)
         self._step("waiting for every sidecar to be ready and SYNCED", lambda: self.wait_ready(timeout))
+
+    def _prepare_run_dir(self) -> None:
+        """A fresh run directory, replacing one of ours; never one we did not make."""
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not (self.run_dir / MARKER).exists():
+                raise MeshError(f"{self.run_dir} is not empty and not a run directory of ours")
+            shutil.rmtree(self.run_dir)
+        for d in (self.run_dir, self.logs, self.config_dir, self.node_dir / "workloads"):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / MARKER).write_text("meshctl up's run directory: `meshctl up` replaces it\n")
 
     def _step(self, what: str, fn: Callable[[], None]) -> None:
         started = time.monotonic()
@@ -246,11 +251,15 @@ class Mesh:
         self.topo.start("external", self.net_ns, [sys.executable, "-m", "controlplane.localmesh.bookinfo",
                                                   "external", "v1", "--port", str(EXTERNAL_PORT)], self.logs)
 
-    def _node_agent(self) -> None:
+    def _write_workloads(self) -> None:
+        """One node-agent workload file per pod: the agent registers it and issues its certificate."""
         for pod in self.layout.pods:
             workload = {"id": pod.name, "namespace": "default", "service_account": pod.service_account,
                         "ip": pod.ip, "labels": pod.labels, "ports": {"http": APP_PORT} if pod.serves else {}}
             (self.node_dir / "workloads" / f"{pod.name}.yaml").write_text(yaml.safe_dump(workload))
+
+    def _node_agent(self) -> None:
+        self._write_workloads()
         ip = self.layout.cp_ip
         self.topo.start(NODE, self.topo.bridge, self._meshctl(
             "nodeagent", "--keys", str(self.key_dir), "--name", NODE, "--run-dir", str(self.node_dir),
@@ -288,12 +297,9 @@ class Mesh:
         while waiting and time.monotonic() < deadline:
             self._check_alive()
             for name, pod in list(waiting.items()):
-                try:
-                    status, _ = self.http(pod, "127.0.0.1", 15021, "/healthz/ready", timeout=1.0)
-                except OSError:
-                    continue
-                if status == 200:
-                    del waiting[name]
+                with contextlib.suppress(OSError):
+                    if self._ready(pod):
+                        del waiting[name]
             time.sleep(0.2)
         if waiting:
             raise MeshError(f"not ready after {timeout:g}s: {', '.join(sorted(waiting))} (logs: {self.logs})")
@@ -304,6 +310,10 @@ class Mesh:
                 return
             time.sleep(0.3)
         raise MeshError(f"proxies not SYNCED after {timeout:g}s: {rows}")
+
+    def _ready(self, pod: Pod) -> bool:
+        """The pod's agent says ready (15021 in the pod's namespace); OSError while it cannot answer."""
+        return self.http(pod, "127.0.0.1", 15021, "/healthz/ready", timeout=1.0)[0] == 200
 
     def _check_alive(self) -> None:
         dead = [p.name for p in self.state.procs if not netns.alive(p.pid)]
