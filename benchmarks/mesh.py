@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.proxy_l4 import Procs, Run, fmt, median, parse_wrk  # noqa: E402
+from benchmarks.proxy_l4 import Procs, Run, fmt, median, nginx_conf, parse_wrk  # noqa: E402
 
 A_IP, B_IP, B_OTHER = "10.78.0.1", "10.78.0.2", "10.78.0.3"
 SERVER_PORT, MESH_PORT, DIRECT_PORT = 8000, 8080, 8081
@@ -314,32 +314,7 @@ def mesh_configs(tmp: Path) -> tuple[Path, Path]:
 
 def start_nginx(pods: Pods) -> None:
     tmp = pods.tmp
-    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp / d).mkdir(exist_ok=True)
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-user root;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen {MESH_PORT} backlog=4096;
-        listen {DIRECT_PORT} backlog=4096;
-        location = /small {{ return 200 "hello from nginx!!\\n"; }}
-    }}
-}}
-""")
+    conf = nginx_conf(tmp, [str(MESH_PORT), str(DIRECT_PORT)])
     pods.start_in("nginx", pods.b, ["nginx", "-c", str(conf), "-e", str(tmp / "nginx-error.log")])
     deadline = time.monotonic() + 10
     while run(*pods.exec(pods.b, "ss", "-ltn", f"sport = :{MESH_PORT}")).stdout.count("LISTEN") == 0:

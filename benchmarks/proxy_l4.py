@@ -106,12 +106,13 @@ class Procs:
             self.stop(proc)
 
 
-def start_nginx(procs: Procs, tmp: Path) -> int:
-    port = free_port()
+def nginx_conf(tmp: Path, listens: list[str]) -> Path:
+    """An nginx config in `tmp` serving /small (SMALL_BODY) and /big (BIG_SIZE random bytes) on `listens`."""
     (tmp / "big.bin").write_bytes(os.urandom(BIG_SIZE))
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / d).mkdir(exist_ok=True)
     body = SMALL_BODY.decode().replace("\n", "\\n")
+    listen = "".join(f"        listen {address} backlog=4096;\n" for address in listens)
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
 daemon off;
@@ -132,12 +133,17 @@ http {{
     default_type application/octet-stream;
     sendfile on;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location = /small {{ return 200 "{body}"; }}
+{listen}        location = /small {{ return 200 "{body}"; }}
         location = /big {{ alias {tmp}/big.bin; }}
     }}
 }}
 """)
+    return conf
+
+
+def start_nginx(procs: Procs, tmp: Path) -> int:
+    port = free_port()
+    conf = nginx_conf(tmp, [f"127.0.0.1:{port}"])
     proc = procs.start(["nginx", "-c", str(conf), "-e", str(tmp / "nginx-error.log")], tmp / "nginx.out")
     wait_listening(port, proc)
     return port
@@ -253,6 +259,22 @@ def wrk(port: int, path: str, seconds: float, proxies: list[subprocess.Popen], r
         run.rss_mib = rss / (1 << 20)
 
 
+def wrk_round(targets: dict[str, tuple[int, list[subprocess.Popen]]], configs: list[str],
+              bodies: tuple[tuple[str, str], ...], warmup: float, seconds: float,
+              samples: dict[tuple[str, str], list[Run]]) -> None:
+    """One wrk run (after an optional warm-up) per config and body; `targets`: config -> (port, the
+    proxy's processes, whose CPU and RSS are measured)."""
+    for body, path in bodies:
+        for config in configs:
+            port, proxies = targets[config]
+            if warmup:
+                wrk(port, path, warmup, [], Run(config, body))
+            run = Run(config, body)
+            log(f"{config} {body}: wrk -t1 -c32 -d{seconds:g}s")
+            wrk(port, path, seconds, proxies, run)
+            samples[(config, body)].append(run)
+
+
 def fmt(x: float | None, spec: str) -> str:
     """`spec` like '>9.2f'; None prints as a right-aligned '-'."""
     return format(x, spec) if x is not None else format("-", spec.split(".")[0])
@@ -316,26 +338,21 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="zmesh-proxy-l4-"))
     try:
         backend = start_nginx(procs, tmp)
-        targets: dict[str, tuple[int, subprocess.Popen | None]] = {}
+        targets: dict[str, tuple[int, list[subprocess.Popen]]] = {}
         for config in configs:  # all up at once, so every round visits each under the same load
             if config == "direct":
-                targets[config] = (backend, None)
+                targets[config] = (backend, [])
             elif config == "haproxy":
-                targets[config] = start_haproxy(procs, tmp, backend)
+                port, proc = start_haproxy(procs, tmp, backend)
+                targets[config] = (port, [proc])
             elif m := re.fullmatch(r"zmesh-(\d+)w(-copy)?", config):
-                targets[config] = start_zmesh(procs, tmp, backend, int(m.group(1)), splice=not m.group(2))
+                port, proc = start_zmesh(procs, tmp, backend, int(m.group(1)), splice=not m.group(2))
+                targets[config] = (port, [proc])
             else:
                 raise SystemExit(f"unknown config {config}")
         for i in range(rounds):
-            for body, path in bodies:
-                for config in configs:
-                    port, proxy = targets[config]
-                    if warmup:
-                        wrk(port, path, warmup, [], Run(config, body))
-                    run = Run(config, body)
-                    log(f"round {i + 1}/{rounds} {config} {body}: wrk -t1 -c32 -d{seconds:g}s")
-                    wrk(port, path, seconds, [proxy] if proxy else [], run)
-                    samples[(config, body)].append(run)
+            log(f"round {i + 1}/{rounds}")
+            wrk_round(targets, configs, bodies, warmup, seconds, samples)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

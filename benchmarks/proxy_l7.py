@@ -55,7 +55,7 @@ from benchmarks.proxy_l4 import (  # noqa: E402
     report,
     start_nginx,
     wait_listening,
-    wrk,
+    wrk_round,
 )
 
 GOAL = {"small_vs_haproxy": 1.0}
@@ -215,15 +215,8 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown config {config}")
         for i in range(rounds):
-            for body, path in bodies:
-                for config in configs:
-                    port, proxy = targets[config]
-                    if warmup:
-                        wrk(port, path, warmup, [], Run(config, body))
-                    run = Run(config, body)
-                    log(f"round {i + 1}/{rounds} {config} {body}: wrk -t1 -c32 -d{seconds:g}s")
-                    wrk(port, path, seconds, proxy, run)
-                    samples[(config, body)].append(run)
+            log(f"round {i + 1}/{rounds}")
+            wrk_round(targets, configs, bodies, warmup, seconds, samples)
             for config in paced:
                 if config in targets:
                     log(f"round {i + 1}/{rounds} {config}: paced at {PACED_RATE} req/s")
