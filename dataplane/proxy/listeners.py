@@ -66,6 +66,11 @@ def looks_like_http(prefix: bytes) -> bool | None:
     return False
 
 
+def looks_like_tls(prefix: bytes) -> bool | None:
+    """True/False once `prefix` says whether a TLS ClientHello record (0x16 0x03) starts here."""
+    return None if prefix == b"\x16" else prefix[:2] == b"\x16\x03"
+
+
 class SidecarListener:
     """Accepts on one socket and hands each connection to the HTTP engine or an L4 Forwarder.
 
@@ -169,31 +174,41 @@ class SidecarListener:
 
     def _peek_tls(self, conn: socket.socket, peer: Address, target: Address,
                   listener: dict[str, Any]) -> None:
-        """PERMISSIVE: a TLS ClientHello (0x16 0x03) is terminated, anything else is plain text;
-        a client that sends nothing within SNIFF_TIMEOUT (server-first) is plain text too."""
-        reactor = self.runtime.reactor
-        fd = conn.fileno()
-
+        """PERMISSIVE: a TLS ClientHello is terminated, anything else is plain text; a client that
+        sends nothing within SNIFF_TIMEOUT (server-first) is plain text too."""
         def decide(is_tls: bool) -> None:
-            timer.cancel()
-            reactor.unregister(fd)
             if is_tls:
                 self._terminate(conn, peer, target, listener)
             else:
                 self._carry(conn, peer, target, listener)
 
+        self._peek(conn, 2, looks_like_tls, decide)
+
+    def _peek(self, conn: socket.socket, size: int, classify: Callable[[bytes], bool | None],
+              decide: Callable[[bool], None]) -> None:
+        """Peek at up to `size` first bytes (MSG_PEEK: they stay for whoever reads next) until
+        `classify` says True or False (None: too few yet); EOF, an error or SNIFF_TIMEOUT of
+        silence decide False."""
+        reactor = self.runtime.reactor
+        fd = conn.fileno()
+
+        def settle(verdict: bool) -> None:
+            timer.cancel()
+            reactor.unregister(fd)
+            decide(verdict)
+
         def readable(_mask: int) -> None:
             try:
-                prefix = conn.recv(2, socket.MSG_PEEK)
+                prefix = conn.recv(size, socket.MSG_PEEK)
             except BlockingIOError:
                 return
             except OSError:
                 prefix = b""
-            if prefix == b"\x16":
-                return  # one byte so far: wait for the second
-            decide(prefix == b"\x16\x03")
+            verdict = classify(prefix) if prefix else False
+            if verdict is not None:
+                settle(verdict)
 
-        timer = reactor.call_later(SNIFF_TIMEOUT, lambda: decide(False))
+        timer = reactor.call_later(SNIFF_TIMEOUT, lambda: settle(False))
         reactor.register(fd, EPOLLIN | EPOLLRDHUP, readable)
 
     def _warn_once(self, what: str, msg: str, **fields: Any) -> None:
@@ -215,32 +230,15 @@ class SidecarListener:
 
     def _sniff(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any],
                principal: str = "") -> None:
-        """Peek at the first bytes (leaving them in the socket) until they tell, or time out
-        and carry the connection at L4 (server-first protocols send nothing first)."""
-        reactor = self.runtime.reactor
-        fd = conn.fileno()
-
+        """Peek at the first bytes until they tell HTTP or not, or time out and carry the
+        connection at L4 (server-first protocols send nothing first)."""
         def decide(is_http: bool) -> None:
-            timer.cancel()
-            reactor.unregister(fd)
             if is_http:
                 self._http(conn, peer, target, listener, principal)
             else:
                 self._tcp(conn, peer, target, listener, principal)
 
-        def readable(_mask: int) -> None:
-            try:
-                prefix = conn.recv(16, socket.MSG_PEEK)
-            except BlockingIOError:
-                return
-            except OSError:
-                prefix = b""
-            verdict = looks_like_http(prefix) if prefix else False
-            if verdict is not None:
-                decide(verdict)
-
-        timer = reactor.call_later(SNIFF_TIMEOUT, lambda: decide(False))
-        reactor.register(fd, EPOLLIN | EPOLLRDHUP, readable)
+        self._peek(conn, 16, looks_like_http, decide)
 
     def _tcp(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any],
              principal: str = "") -> None:

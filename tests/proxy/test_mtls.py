@@ -29,7 +29,7 @@ from controlplane.citadel import pki
 from dataplane.proxy import sockets
 from dataplane.proxy.accesslog import AccessLog
 from dataplane.proxy.http.server import HttpConnection, http_state
-from dataplane.proxy.listeners import SidecarListener
+from dataplane.proxy.listeners import SidecarListener, looks_like_http, looks_like_tls
 from dataplane.proxy.reactor import Reactor
 from dataplane.proxy.runtime import Runtime
 from dataplane.proxy.stats import LABELS, TCP_LABELS, Stats, Workload
@@ -229,6 +229,14 @@ def s_client(port: int, directory: Path | None, roots: Path, request: bytes,
 
 
 # --- inbound ------------------------------------------------------------------------------------
+
+def test_peeked_prefixes_tell_tls_and_http_apart_or_ask_for_more() -> None:
+    assert looks_like_tls(b"\x16") is None
+    assert looks_like_tls(b"\x16\x03") is True and looks_like_tls(b"\x16\x03\x01\x02") is True
+    assert looks_like_tls(b"GE") is False and looks_like_tls(b"\x16\x02") is False
+    assert looks_like_http(b"GE") is None and looks_like_http(b"GET /") is True
+    assert looks_like_http(b"\x16\x03") is False
+
 def test_strict_port_needs_a_mesh_client_certificate(tmp_path: Path, ca: Ca, app: Backend,
                                                      sides: list[Side]) -> None:
     ca.issue(tmp_path / "server", SERVER_ID)
