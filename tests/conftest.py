@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from prometheus_client import REGISTRY
@@ -22,6 +24,14 @@ ISTIO_TESTDATA = ROOT.parent / "shared" / "testdata" / "istio"
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 logs.configure("INFO")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """What a test needs (root, a namespace, a kernel feature, a package) is missing: skipped on a
+    developer's machine, a failure in CI (CI=true), whose .ci/run installs all of it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test, but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.01) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, unavailable, wait_for
 from tests.init.conftest import OTHER_IP, PROXY_ID, REMOTE_IP, RP, Topology, clean, run, topology
 
 __all__ = ["clean", "topology"]  # the fixtures, for pytest
@@ -146,7 +146,10 @@ def servers(topology: Topology) -> Iterator[Topology]:
 
 def test_the_agent_runs_the_decider_on_the_proxys_config(servers: Topology, clean: Topology,
                                                          config_dir: Path) -> None:
-    pytest.importorskip("netfilterqueue", reason="the NetfilterQueue package is missing")
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        unavailable("the NetfilterQueue package is missing")
     topo = clean
     config = config_dir / "proxy.json"
     write(config, mesh_config("v1", ("mesh", REMOTE_IP)))

@@ -22,6 +22,7 @@ import pytest
 
 from controlplane.localmesh import netns
 from controlplane.localmesh.mesh import BOOKINFO, Mesh, MeshError
+from tests.conftest import unavailable
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,7 +34,7 @@ def sweep_stale_namespaces() -> None:
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
     if reason := netns.missing_tools():
-        pytest.skip(reason)
+        unavailable(reason)
     run_dir = Path(tempfile.mkdtemp(prefix="zmesh-e2e-"))
     run_dir.chmod(0o755)  # sidecars running as uid 1337 read their key and certificates below it
     m = Mesh(run_dir / "run", say=lambda _msg: None)

@@ -40,6 +40,7 @@ import pytest
 
 from controlplane.localmesh import netns
 from controlplane.localmesh.mesh import Mesh, MeshError
+from tests.conftest import unavailable
 from tests.e2e.conftest import metric, scrape, tail_logs
 
 THREADS = 3
@@ -145,7 +146,7 @@ class Load:
 def mesh() -> Iterator[Mesh]:
     """This module's own mesh (overrides conftest's, so test_bookinfo's mesh is never disturbed)."""
     if reason := netns.missing_tools():
-        pytest.skip(reason)
+        unavailable(reason)
     run_dir = Path(tempfile.mkdtemp(prefix="zmesh-chaos-"))
     run_dir.chmod(0o755)
     m = Mesh(run_dir / "run", say=lambda _msg: None)

@@ -14,7 +14,7 @@ import pytest
 from controlplane.localmesh import netns
 from controlplane.localmesh.bookinfo import App
 from controlplane.localmesh.mesh import Mesh, MeshError
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, unavailable, wait_for
 
 
 def _alive(pid: int) -> bool:
@@ -29,7 +29,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def root() -> None:
     if reason := netns.missing_tools():
-        pytest.skip(reason)
+        unavailable(reason)
 
 
 def test_teardown_removes_exactly_what_the_state_records(root: None, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, unavailable, wait_for
 
 PROXY_ID = "1337"
 POD_IP, REMOTE_IP, OTHER_IP = "10.77.0.1", "10.77.0.2", "10.77.0.3"
@@ -136,14 +136,14 @@ def proxy_lines(log: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     if reason := missing():
-        pytest.skip(reason)
+        unavailable(reason)
     topo = Topology(f"zm-init-{secrets.token_hex(3)}", tmp_path_factory.mktemp("netns"))
     made: list[str] = []
     try:
         for ns in (topo.pod, topo.remote):
             added = run("ip", "netns", "add", ns, check=False)
             if added.returncode:
-                pytest.skip(f"cannot create a network namespace: {added.stderr.strip()}")
+                unavailable(f"cannot create a network namespace: {added.stderr.strip()}")
             made.append(ns)
             run("ip", "-n", ns, "link", "set", "lo", "up")
         run("ip", "-n", topo.pod, "link", "add", "zi0", "type", "veth", "peer", "name", "zi1",
@@ -157,7 +157,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
                         for ns, dev, addr in ((topo.pod, "zi0", POD_IP6), (topo.remote, "zi1", REMOTE_IP6)))
         loaded = run(*topo.exec(RESTORE[4], "--noflush"), input=FOREIGN[4], check=False)
         if loaded.returncode:
-            pytest.skip(f"iptables-restore does not work in a namespace here: {loaded.stderr.strip()}")
+            unavailable(f"iptables-restore does not work in a namespace here: {loaded.stderr.strip()}")
         if topo.ipv6:
             loaded = run(*topo.exec(RESTORE[6], "--noflush"), input=FOREIGN[6], check=False)
             topo.ipv6 = loaded.returncode == 0

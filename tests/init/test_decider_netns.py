@@ -15,12 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import wait_for
+from tests.conftest import unavailable, wait_for
 from tests.init.conftest import OTHER_IP, REMOTE_IP, REMOTE_IP6, RP, XP, Sidecar, Topology, run
 
-pytest.importorskip("netfilterqueue", reason="the NetfilterQueue package (and libnetfilter-queue) is missing")
+try:
+    import netfilterqueue  # noqa: F401
+except ImportError:
+    unavailable("the NetfilterQueue package (and libnetfilter-queue) is missing")
 
 QUEUE = "5"
 METRICS_PORT = 9100
@@ -43,7 +44,7 @@ def start_decider(topo: Topology, config: Path) -> tuple[subprocess.Popen, Path]
         return topo.start("decider", args, "decider ready", stream="err")
     except AssertionError as exc:
         if "Failed to create queue" in str(exc):
-            pytest.skip(f"NFQUEUE is not available in this kernel: {exc}")
+            unavailable(f"NFQUEUE is not available in this kernel: {exc}")
         raise
 
 

@@ -3,9 +3,8 @@ and the `sidecar` cast: the app, the transparent proxy on 15001, the inbound rec
 
 from __future__ import annotations
 
-import pytest
-
 from dataplane.init.rules import Options, install_text
+from tests.conftest import unavailable
 from tests.init.conftest import AP, OTHER_IP, REMOTE_IP, REMOTE_IP6, RP, XAP, XP, Sidecar, Topology
 
 
@@ -91,7 +90,7 @@ def test_dry_run_prints_the_restore_input_and_changes_nothing(sidecar: Sidecar, 
 
 def test_ipv6(sidecar: Sidecar, clean: Topology) -> None:
     if not clean.ipv6:
-        pytest.skip("no IPv6 in the namespaces here (the address or ip6tables-restore failed)")
+        unavailable("no IPv6 in the namespaces here (the address or ip6tables-restore failed)")
     assert sidecar.outbound(REMOTE_IP6, RP) == "direct"
     clean.init("-x", f"{OTHER_IP}/32")
     assert sidecar.outbound(REMOTE_IP6, RP) == "proxy"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, free_port, unavailable, wait_for
 
 PROXY_GID = 1337
 BACKEND_IP = "127.0.0.2"
@@ -78,11 +78,11 @@ def have_iptables() -> str | None:
 @pytest.fixture
 def netns() -> Iterator[str]:
     if reason := have_iptables():
-        pytest.skip(reason)
+        unavailable(reason)
     name = f"zm-test-{secrets.token_hex(4)}"
     added = run("ip", "netns", "add", name, check=False)
     if added.returncode:
-        pytest.skip(f"cannot create a network namespace: {added.stderr.strip()}")
+        unavailable(f"cannot create a network namespace: {added.stderr.strip()}")
     try:
         run("ip", "-n", name, "link", "set", "lo", "up")
         yield name
@@ -154,7 +154,7 @@ def test_redirected_connection_is_proxied_to_its_original_destination(netns: str
             str(PROXY_GID), "-j", "REDIRECT", "--to-ports", "15001"]
     added = run("ip", "netns", "exec", netns, "iptables", "-t", "nat", "-A", "OUTPUT", *rule, check=False)
     if added.returncode:
-        pytest.skip(f"iptables cannot add a nat REDIRECT rule here: {added.stderr.strip()}")
+        unavailable(f"iptables cannot add a nat REDIRECT rule here: {added.stderr.strip()}")
 
     assert reply(nsprocs.client(BACKEND_IP, port, "hello-through-proxy")) == "echo:hello-through-proxy"
 
