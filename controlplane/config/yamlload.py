@@ -137,6 +137,9 @@ def _error(file: str, line: int, message: str, code: tuple[str, str] = SCHEMA_CO
     return ConfigError(Diagnostic(ERROR, *code, message=message, file=file, line=line, column=column))
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
 class _Builder:
     def __init__(self, loader: yaml.SafeLoader, file: str) -> None:  # (or CSafeLoader)
         self.loader = loader
@@ -147,14 +150,18 @@ class _Builder:
         self.marks[path] = node.start_mark.line + 1
         _depth_check(len(path) + 1, node.start_mark)  # (libyaml composes without counting)
         if isinstance(node, yaml.MappingNode):
-            self.loader.flatten_mapping(node)
+            own = sum(k.tag != _MERGE for k, _ in node.value)
+            self.loader.flatten_mapping(node)  # merged (`<<: *x`) pairs first, then the node's own
+            merged = len(node.value) - own
             out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
+            inherited: set[Any] = set()  # keys from a merge, which the node's own keys override
+            for i, (key_node, value_node) in enumerate(node.value):
                 key = self.loader.construct_object(key_node, deep=True)
                 if not isinstance(key, (str, int, float, bool)) and key is not None:
                     raise _error(self.file, key_node.start_mark.line + 1, "mapping key is not a scalar")
-                if key in out:
+                if key in out and key not in inherited:
                     raise _error(self.file, key_node.start_mark.line + 1, f"duplicate key {key!r}")
+                (inherited.add if i < merged else inherited.discard)(key)
                 out[key] = self.build(value_node, (*path, str(key)))
             return out
         if isinstance(node, yaml.SequenceNode):
