@@ -4,8 +4,8 @@ PyYAML composes a node tree that still knows where each node started; we build p
 Python values from it and keep a map from field path to line, so that a validation
 error can name `spec.http[0].route[1].weight` and the line it is on.
 
-YAML aliases (`*x`) make a graph of a tree: 711 bytes of nested aliases ("billion laughs")
-expand to billions of nodes. The loader counts what aliases add while composing, before
+YAML aliases (`*x`) make a graph of a tree: a few hundred bytes of nested aliases ("billion
+laughs") expand to hundreds of millions of nodes. The loader counts what aliases add while composing, before
 anything is expanded, and refuses a file past a bound, naming the alias's line and column;
 nesting depth and file size are bounded too. Real config uses aliases sparingly, if at all.
 """
@@ -82,6 +82,10 @@ class _BoundedLoader(Composer, CParser, SafeConstructor, Resolver):
         self._sizes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, chars) it expands to
         self._depth = 0
 
+    def compose_document(self) -> yaml.Node:
+        self._sizes = {}  # anchors are per document
+        return super().compose_document()
+
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         event = self.peek_event()
         if isinstance(event, AliasEvent):
@@ -102,8 +106,6 @@ class _BoundedLoader(Composer, CParser, SafeConstructor, Resolver):
             return super().compose_node(parent, index)
         self._depth += 1
         _depth_check(self._depth, event.start_mark)
-        if event.anchor is not None:
-            self._sizes.pop(event.anchor, None)  # a later document may reuse the name
         before = (self._nodes, self._chars)
         self._nodes += 1
         node = super().compose_node(parent, index)

@@ -12,9 +12,12 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from controlplane.config.yamlload import MAX_ALIAS_NODES
-from controlplane.galley.service import STATUS_KEY
+from controlplane.galley.etcd import EtcdClient
+from controlplane.galley.service import STATUS_KEY, Galley
 from controlplane.galley.source_dir import write_atomically
+from controlplane.galley.source_etcd import EtcdSource
 from controlplane.meshctl import cli
+from tests.bus.helpers import publisher, subscriber
 from tests.config.bombs import alias_bomb, at
 from tests.conftest import wait_for
 from tests.galley.conftest import MESHCTL
@@ -150,3 +153,24 @@ def test_galley_reports_refused_files_and_keeps_serving(tmp_path, galley_process
     log = galley.stop()
     assert "handler failed" not in log and "Traceback" not in log
     assert "invalid config; last valid version stays in force" in log
+
+
+def test_galley_reports_a_refused_etcd_key(etcd, keydir, loops) -> None:
+    client = EtcdClient(etcd.endpoint)
+    client.put("/cfg/a", VS.format(name="a"))
+    client.put("/cfg/bomb", alias_bomb())
+    client.put("/cfg/also-a", VS.format(name="a"))  # a resource key /cfg/a holds already
+    loop = loops("galley")
+    pub = publisher(loop, keydir)
+    galley = Galley(loop, pub)
+    source = EtcdSource(loop, etcd.endpoint, "/cfg/", galley.on_unit)
+    source.start()
+    sub = subscriber(loops("sub"), keydir, pub, prefix="galley/")
+    try:
+        assert wait_for(lambda: (sub.get(STATUS_KEY) or {}).get("rejected") == ["/cfg/also-a", "/cfg/bomb"],
+                        timeout=10), sub.get(STATUS_KEY)
+        codes = {(d["file"], d["code"]) for d in sub.get(STATUS_KEY)["diagnostics"]}
+        assert codes == {("/cfg/bomb", "ZM0003"), ("/cfg/also-a", "ZM0002")}
+        assert sub.get("galley/VirtualService/default/a") is not None
+    finally:
+        source.stop()
