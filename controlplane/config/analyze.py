@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +80,10 @@ SUBSET_SELECTS_NO_PODS = Message(
 UNKNOWN_DESTINATION_RULE_HOST = Message(
     "IST0174", "UnknownDestinationRuleHost", WARNING,
     "The host {} defined in the DestinationRule does not match any services in the mesh.")
-# zmesh's own, shared with galley: which of two definitions of one resource holds is undefined.
-DUPLICATE_RESOURCE = Message("ZM0002", "DuplicateResource", ERROR,
-                             "{} is also defined in {}; only the first definition is analyzed")
+# zmesh's own, shared with galley and `meshctl apply`: which of two definitions of one resource
+# holds is undefined, so analyze reads the first, and galley and apply refuse the second.
+DUPLICATE_RESOURCE = Message("ZM0002", "DuplicateResource", ERROR, "{} is also defined in {}; {}")
+ANALYZED_FIRST = "only the first definition is analyzed"
 
 
 # --- reading specs as written: analysis must not trip over a field schema validation reports ------
@@ -690,17 +691,21 @@ ANALYZERS: tuple[Callable[[Mesh], Iterable[Diagnostic]], ...] = (
 )
 
 
-def _first_definitions(resources: Iterable[Resource]) -> tuple[list[Resource], list[Diagnostic]]:
-    """One resource per key, as the mesh would hold it; later definitions are reported."""
-    first: dict[Key, Resource] = {}
-    duplicates = []
+def first_definitions(resources: Iterable[Resource], defined: Mapping[Key, Resource] | None = None,
+                      consequence: str = ANALYZED_FIRST) -> tuple[list[Resource], list[Diagnostic]]:
+    """One resource per key, as the mesh would hold it; a later definition, or one of a key
+    already `defined` elsewhere, is reported (ZM0002) with `consequence`."""
+    first: dict[Key, Resource] = dict(defined or {})
+    unique, duplicates = [], []
     for r in resources:
-        if r.key in first:
-            where = f"{first[r.key].file}:{first[r.key].line_of(('metadata', 'name'))}"
-            duplicates.append(_report(DUPLICATE_RESOURCE, r, (), r.key, where))
+        earlier = first.get(r.key)
+        if earlier is not None:
+            where = f"{earlier.file}:{earlier.line_of(('metadata', 'name'))}"
+            duplicates.append(_report(DUPLICATE_RESOURCE, r, (), r.key, where, consequence))
         else:
             first[r.key] = r
-    return list(first.values()), duplicates
+            unique.append(r)
+    return unique, duplicates
 
 
 def _sort_key(d: Diagnostic) -> tuple[str, int, str, str, str, str, str, str]:
@@ -710,7 +715,7 @@ def _sort_key(d: Diagnostic) -> tuple[str, int, str, str, str, str, str, str]:
 def analyze(resources: Iterable[Resource], diagnostics: Iterable[Diagnostic] = ()) -> list[Diagnostic]:
     """Every analyzer's messages over `resources`, plus `diagnostics` (those from loading them),
     in a stable order: by file, line and code."""
-    unique, out = _first_definitions(resources)
+    unique, out = first_definitions(resources)
     out += diagnostics
     mesh = Mesh(unique)
     for analyzer in ANALYZERS:

@@ -26,9 +26,12 @@ class Diagnostic:
     namespace: str = ""
     resource: str = ""   # the resource's name
     path: str = ""       # e.g. spec.http[0].route[1].weight
+    column: int = 0      # where the line alone is not enough (a YAML alias)
 
     def origin(self) -> str:
         where = f"{self.file}:{self.line}" if self.file and self.line else self.file
+        if where and self.line and self.column:
+            where += f":{self.column}"
         who = f"{self.kind} {self.namespace}/{self.resource}" if self.kind else ""
         return " ".join(p for p in (who, where) if p)
 

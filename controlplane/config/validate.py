@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
-from controlplane.config.diagnostics import WARNING, ConfigError, Diagnostic
+from controlplane.config.diagnostics import ERROR, WARNING, ConfigError, Diagnostic
 from controlplane.config.kinds import SPEC_SCHEMAS
 from controlplane.config.model import CLUSTER_SCOPED, SUPPORTED, Resource, split_api_version
 from controlplane.config.schema import Report
 from controlplane.config.validators import Labels, check_dns1123_label, check_dns1123_subdomain
-from controlplane.config.yamlload import Document, load_documents
+from controlplane.config.yamlload import Document, load_documents, read_config_file
 
 UNSUPPORTED_KIND = ("ZM0001", "UnsupportedKind")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -34,8 +34,10 @@ class LoadResult:
         self.diagnostics += other.diagnostics
 
 
-def validate_document(doc: Document) -> tuple[Resource | None, list[Diagnostic]]:
-    """One YAML document -> a Resource if it is usable, plus every problem found."""
+def validate_document(doc: Document, strict: bool = False) -> tuple[Resource | None, list[Diagnostic]]:
+    """One YAML document -> a Resource if it is usable, plus every problem found. An unsupported
+    kind is a warning (galley ignores it, as Istio ignores kinds it does not know); `strict`
+    makes it an error, for `meshctl apply`: applying what would be ignored is a mistake."""
     data = doc.data
     report = Report(doc.line_of, file=doc.file)
     if not isinstance(data, dict):
@@ -58,7 +60,8 @@ def validate_document(doc: Document) -> tuple[Resource | None, list[Diagnostic]]
     group, version = split_api_version(api_version)
     known = SUPPORTED.get(kind)
     if known is None or known[0] != group:
-        report.add(WARNING, ("kind",), f"{api_version} {kind} is not supported by zmesh yet; ignored",
+        report.add(ERROR if strict else WARNING, ("kind",),
+                   f"{api_version} {kind} is not supported by zmesh yet" + ("" if strict else "; ignored"),
                    code=UNSUPPORTED_KIND)
         return None, report.diagnostics
     if version not in known[1]:
@@ -96,7 +99,7 @@ def validate_document(doc: Document) -> tuple[Resource | None, list[Diagnostic]]
     return resource, report.diagnostics
 
 
-def load_text(text: str, file: str = "<input>") -> LoadResult:
+def load_text(text: str, file: str = "<input>", strict: bool = False) -> LoadResult:
     result = LoadResult()
     try:
         docs = load_documents(text, file)
@@ -104,23 +107,23 @@ def load_text(text: str, file: str = "<input>") -> LoadResult:
         result.diagnostics.append(exc.diagnostic)
         return result
     for doc in docs:
-        resource, diagnostics = validate_document(doc)
+        resource, diagnostics = validate_document(doc, strict)
         result.diagnostics += diagnostics
         if resource is not None and not any(d.level == "Error" for d in diagnostics):
             result.resources.append(resource)
     return result
 
 
-def load_file(path: str | FsPath) -> LoadResult:
+def load_file(path: str | FsPath, strict: bool = False) -> LoadResult:
     path = FsPath(path)
     try:
-        text = path.read_text()
+        text = read_config_file(path)
     except (OSError, UnicodeDecodeError) as exc:
         result = LoadResult()
         result.diagnostics.append(Diagnostic("Error", "IST0106", "SchemaValidationError",
                                              f"cannot read: {exc}", file=str(path)))
         return result
-    return load_text(text, str(path))
+    return load_text(text, str(path), strict)
 
 
 def yaml_files(paths: list[str | FsPath]) -> list[FsPath]:
@@ -135,8 +138,8 @@ def yaml_files(paths: list[str | FsPath]) -> list[FsPath]:
     return out
 
 
-def load_paths(paths: list[str | FsPath]) -> LoadResult:
+def load_paths(paths: list[str | FsPath], strict: bool = False) -> LoadResult:
     result = LoadResult()
     for f in yaml_files(paths):
-        result.extend(load_file(f))
+        result.extend(load_file(f, strict))
     return result

@@ -1,7 +1,9 @@
 """`meshctl galley` (run the service), `meshctl apply` and `meshctl get`.
 
 apply and get work on the configured source directly (directory or etcd); apply
-validates first and refuses invalid input with the same diagnostics galley logs.
+validates first and refuses invalid input with the same diagnostics galley logs, all or
+nothing: a kind zmesh does not support, or a resource defined twice (ZM0002), refuses
+the whole invocation.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from prometheus_client import start_http_server
 from bus import endpoints, keys, logs
 from bus.loop import Loop
 from bus.service import run_until_signalled, signed_publisher
+from controlplane.config.analyze import first_definitions
+from controlplane.config.diagnostics import ERROR, Diagnostic
 from controlplane.config.model import SUPPORTED, Resource
 from controlplane.config.validate import load_paths, yaml_files
+from controlplane.config.yamlload import read_config_file
 from controlplane.galley.etcd import EtcdClient, EtcdError
 from controlplane.galley.service import Galley
 from controlplane.galley.source_dir import DirectorySource, is_config_file, write_atomically
 from controlplane.galley.source_etcd import EtcdSource
-from controlplane.galley.store import ConfigStore
+from controlplane.galley.store import REFUSED, ConfigStore
 
 DEFAULT_CONFIG_DIR = os.path.expanduser("~/.zmesh/config")
 DEFAULT_ETCD_PREFIX = "/zmesh/config/"
@@ -53,6 +58,11 @@ def unit_name(r: Resource) -> str:
     return f"{r.namespace or '_cluster'}/{r.kind.lower()}-{r.name}.yaml"
 
 
+def target_unit(r: Resource, etcd: str | None, prefix: str) -> str:
+    """The unit (etcd key or file under the directory) `meshctl apply` writes `r` to."""
+    return prefix + unit_name(r) if etcd else unit_name(r)
+
+
 def read_store(config_dir: str, etcd: str | None, prefix: str) -> ConfigStore:
     store = ConfigStore()
     if etcd:
@@ -66,8 +76,17 @@ def read_store(config_dir: str, etcd: str | None, prefix: str) -> ConfigStore:
         root = Path(config_dir)
         for f in yaml_files([root]) if root.is_dir() else []:
             if is_config_file(f):  # what galley's directory source reads, no more
-                store.update(str(f.relative_to(root)), f.read_text())
+                store.update(str(f.relative_to(root)), read_config_file(f))
     return store
+
+
+def refuse_on_errors(diagnostics: list[Diagnostic]) -> None:
+    """Print every diagnostic; any error refuses the whole invocation."""
+    for d in diagnostics:
+        click.echo(str(d), err=True)
+    errors = sum(d.level == ERROR for d in diagnostics)
+    if errors:
+        raise click.ClickException(f"refused: {errors} error(s); nothing was applied")
 
 
 @click.command("apply")
@@ -76,22 +95,21 @@ def read_store(config_dir: str, etcd: str | None, prefix: str) -> ConfigStore:
 @with_source
 def apply_command(paths: tuple[str, ...], config_dir: str, etcd: str | None, etcd_prefix: str) -> None:
     """Validate config and write it to the mesh's config source."""
-    result = load_paths(list(paths))
-    for d in result.diagnostics:
-        click.echo(str(d), err=True)
-    if result.errors:
-        raise click.ClickException(f"refused: {len(result.errors)} error(s); nothing was applied")
+    result = load_paths(list(paths), strict=True)
+    _, twice = first_definitions(result.resources, consequence=REFUSED)
+    refuse_on_errors(result.diagnostics + twice)
     current = read_store(config_dir, etcd, etcd_prefix)
     owners = {key: unit for unit, u in current.units.items() for key in u.resources}
+    elsewhere = {}  # resources the source holds in another unit (a hand-written file)
     for r in result.resources:
-        target = (etcd_prefix + unit_name(r)) if etcd else unit_name(r)
         owner = owners.get(r.key)
-        if owner is not None and owner != target:
-            raise click.ClickException(f"{r.key} is defined in {owner}; edit it there")
+        if owner is not None and owner != target_unit(r, etcd, etcd_prefix):
+            elsewhere[r.key] = current.snapshot[r.key]
+    refuse_on_errors(first_definitions(result.resources, elsewhere, "edit it there")[1])
     for r in result.resources:
         text = yaml.safe_dump(r.raw, sort_keys=False)
         if etcd:
-            EtcdClient(etcd).put(etcd_prefix + unit_name(r), text)
+            EtcdClient(etcd).put(target_unit(r, etcd, etcd_prefix), text)
         else:
             write_atomically(Path(config_dir) / unit_name(r), text)
         click.echo(f"{r.kind.lower()}/{r.name} ({r.namespace or 'cluster'}) applied")
@@ -111,6 +129,9 @@ def get_command(kind: str, name: str | None, namespace: str | None, output: str,
     if canonical is None:
         raise click.ClickException(f"unknown kind {kind!r} (known: {', '.join(sorted(SUPPORTED))})")
     store = read_store(config_dir, etcd, etcd_prefix)
+    for d in store.diagnostics():  # files galley refuses too: what they hold is not shown
+        if d.level == ERROR:
+            click.echo(f"rejected: {d}", err=True)
     found = [r for key, r in sorted(store.snapshot.items())
              if key.kind == canonical and (name is None or key.name == name)
              and (namespace is None or key.namespace == namespace)]

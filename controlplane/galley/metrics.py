@@ -5,6 +5,8 @@ from prometheus_client import Counter, Gauge, Histogram
 RESOURCES = Gauge("zmesh_galley_resources", "Resources in force", ["kind"])
 REJECTED_UNITS = Gauge("zmesh_galley_rejected_units",
                        "Config files/keys whose latest version is invalid (the last valid one stays)")
+REJECTIONS = Counter("zmesh_galley_rejections_total",
+                     "Versions of config files/keys refused, by the first error's name", ["reason"])
 VALIDATION_ERRORS = Counter("zmesh_galley_validation_errors_total", "Validation errors found", ["code"])
 PUBLISHES = Counter("zmesh_galley_publishes_total", "Snapshot publishes")
 PUBLISHED_CHANGES = Counter("zmesh_galley_published_changes_total", "Resources published", ["op"])

@@ -21,6 +21,7 @@ from controlplane.galley.metrics import (
     PUBLISHED_CHANGES,
     PUBLISHES,
     REJECTED_UNITS,
+    REJECTIONS,
     RESOURCES,
     VALIDATION_ERRORS,
 )
@@ -51,11 +52,12 @@ class Galley:
         """A source's report that `unit` changed (text) or disappeared (None)."""
         change = self.store.update(unit, text) if text is not None else self.store.remove(unit)
         if change.rejected:
-            for d in self.store.units[unit].diagnostics:
-                if d.level == "Error":
-                    VALIDATION_ERRORS.labels(d.code).inc()
-                    self.log.error("invalid config; last valid version stays in force", unit=unit,
-                                   diagnostic=str(d))
+            errors = [d for d in self.store.units[unit].diagnostics if d.level == "Error"]
+            REJECTIONS.labels(errors[0].name).inc()
+            for d in errors:
+                VALIDATION_ERRORS.labels(d.code).inc()
+                self.log.error("invalid config; last valid version stays in force", unit=unit,
+                               diagnostic=str(d))
         elif change:
             self.log.info("config changed", unit=unit, upserted=len(change.upserted),
                           removed=len(change.removed))

@@ -16,6 +16,7 @@ from pathlib import Path
 from bus.logs import Log
 from bus.loop import Loop
 from controlplane.config.validate import YAML_SUFFIXES
+from controlplane.config.yamlload import read_config_file
 from controlplane.galley.inotify import IN_CREATE, IN_ISDIR, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
 from controlplane.galley.metrics import SOURCE_ERRORS
 
@@ -95,7 +96,7 @@ class DirectorySource:
         unit = self._unit(path)
         try:
             st = path.stat()
-            text = path.read_text()
+            text = read_config_file(path)
         except FileNotFoundError:
             if self._seen.pop(unit, None) is not None:
                 self.on_unit(unit, None)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from controlplane.config.analyze import first_definitions
 from controlplane.config.diagnostics import ERROR, Diagnostic
 from controlplane.config.model import Key, Resource
 from controlplane.config.validate import load_text
 
-DUPLICATE = ("ZM0002", "DuplicateResource")
+# What a refused definition of a resource already defined (ZM0002) means here and in `meshctl apply`.
+REFUSED = "refused"
 
 
 @dataclass
@@ -46,15 +48,11 @@ class ConfigStore:
     def update(self, unit: str, text: str) -> Change:
         """Apply a unit's new text; an invalid text is rejected and its old resources stay."""
         result = load_text(text, unit)
-        diagnostics = list(result.diagnostics)
-        fresh: dict[Key, Resource] = {}
-        for r in result.resources:
-            other = unit if r.key in fresh else self._owner.get(r.key)
-            if other is not None and (other != unit or r.key in fresh):
-                diagnostics.append(Diagnostic(ERROR, *DUPLICATE, f"{r.key} is also defined in {other}",
-                                              file=unit, line=r.line_of(), kind=r.kind,
-                                              namespace=r.namespace, resource=r.name))
-            fresh[r.key] = r
+        elsewhere = {r.key: self.snapshot[r.key] for r in result.resources
+                     if self._owner.get(r.key, unit) != unit}
+        unique, duplicates = first_definitions(result.resources, elsewhere, REFUSED)
+        diagnostics = result.diagnostics + duplicates
+        fresh = {r.key: r for r in unique}
         old = self.units.get(unit, Unit())
         if any(d.level == ERROR for d in diagnostics):
             self.units[unit] = Unit(old.resources, diagnostics, True)

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
-from pathlib import Path
 
 from click.testing import CliRunner
 
-from bus.keys import Keyring
-from bus.loop import Loop
-from bus.pubsub import Subscriber
-from bus.signing import Verifier
 from controlplane.meshctl import cli
 from tests.conftest import wait_for
 
-MESHCTL = str(Path(sys.executable).with_name("meshctl"))
 BAD_DR = """apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: reviews}
@@ -70,30 +59,13 @@ def test_apply_and_get_through_etcd(etcd, tmp_path, istio_testdata) -> None:
     assert result.exit_code == 0 and "bookinfo-gateway" in result.output
 
 
-def test_galley_process_publishes_what_is_applied(tmp_path, keydir) -> None:
+def test_galley_process_publishes_what_is_applied(tmp_path, galley_process) -> None:
     config = tmp_path / "config"
-    env = {**os.environ, "ZMESH_PORT_BASE": str(21000 + os.getpid() % 1000 * 10)}
-    base = int(env["ZMESH_PORT_BASE"])
-    proc = subprocess.Popen([MESHCTL, "galley", "--keys", str(keydir), "--name", "pilot",
-                             "--config-dir", str(config), "--port-base", str(base)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    loop = Loop("watch").start()
-    try:
-        ring = Keyring(keydir, "proxy-a")
-        got: dict = {}
-        loop.call_sync(lambda: Subscriber(
-            loop, pub_endpoint=f"tcp://127.0.0.1:{base}", snapshot_endpoint=f"tcp://127.0.0.1:{base + 1}",
-            prefix="galley/", keyring=ring, server="pilot", verifier=Verifier(ring.trusted_signers),
-            on_change=lambda k, v: got.__setitem__(k, v), silence_timeout=3))
-        vs = tmp_path / "vs.yaml"
-        vs.write_text("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\n"
-                      "spec: {hosts: [r], http: [{route: [{destination: {host: r}}]}]}\n")
-        result = CliRunner().invoke(cli, ["apply", "-f", str(vs), "--config-dir", str(config)])
-        assert result.exit_code == 0, result.output
-        assert wait_for(lambda: got.get("galley/VirtualService/default/r") is not None, timeout=10)
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{base + 9}/metrics", timeout=5).read().decode()
-        assert 'zmesh_galley_resources{kind="VirtualService"} 1.0' in metrics
-    finally:
-        loop.stop()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+    galley = galley_process(config)
+    vs = tmp_path / "vs.yaml"
+    vs.write_text("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\n"
+                  "spec: {hosts: [r], http: [{route: [{destination: {host: r}}]}]}\n")
+    result = CliRunner().invoke(cli, ["apply", "-f", str(vs), "--config-dir", str(config)])
+    assert result.exit_code == 0, result.output
+    assert wait_for(lambda: galley.sub.get("galley/VirtualService/default/r") is not None, timeout=10)
+    assert 'zmesh_galley_resources{kind="VirtualService"} 1.0' in galley.metrics()
