@@ -152,10 +152,13 @@ def get_command(kind: str, name: str | None, namespace: str | None, output: str,
 @click.option("--keys", "key_dir", envvar="ZMESH_KEYS", required=True, type=click.Path(file_okay=False))
 @click.option("--name", default="galley", show_default=True, help="Our key name.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--metrics-host", default=None,
+              help="Address for /metrics, where Prometheus scrapes it [default: --host]. Only pilot reads "
+                   "galley's bus, so --host can stay on loopback while the metrics are reachable.")
 @click.option("--port-base", type=int, default=None, help="Move every control-plane port (ZMESH_PORT_BASE).")
 @click.option("--debounce", type=float, default=0.02, show_default=True)
 def galley_command(config_dir: str, etcd: str | None, etcd_prefix: str, key_dir: str, name: str,
-                   host: str, port_base: int | None, debounce: float) -> None:
+                   host: str, metrics_host: str | None, port_base: int | None, debounce: float) -> None:
     """Run galley: watch the config source, validate, publish snapshots on the bus."""
     logs.configure()
     ring = keys.Keyring(key_dir, name)
@@ -165,7 +168,7 @@ def galley_command(config_dir: str, etcd: str | None, etcd_prefix: str, key_dir:
     except keys.KeyringError as exc:
         raise click.ClickException(str(exc)) from None
     galley = Galley(loop, pub, debounce=debounce)
-    start_http_server(endpoints.port("galley", "metrics", port_base), addr=host)
+    start_http_server(endpoints.port("galley", "metrics", port_base), addr=metrics_host or host)
     if etcd:
         source = EtcdSource(loop, etcd, etcd_prefix, galley.on_unit)
         source.start()

@@ -47,6 +47,10 @@ def _next_steps(mesh: object) -> str:
         f"  curl -s http://{page.ip}:15020/stats/prometheus | grep istio_requests_total   # agent (merged)",
         f"  curl -s http://{page.ip}:15090/metrics | grep istio_requests_total           # proxy",
         f"  curl -s http://{EXTERNAL_IP}:{EXTERNAL_PORT}/   # 'the internet', outside the mesh",
+        "Prometheus targets: each pod's :15020/stats/prometheus (it holds the proxy's :15090 too: scraping",
+        "both doubles every series) and the control plane's and node agent's:",
+        *(f"  {url}   # {name}" for name, url in mesh.metrics_endpoints().items()
+          if not name.endswith((".sidecar", ".proxy"))),
         "Route traffic by dropping Istio YAML into the config directory galley watches:",
         f"  cp ../shared/testdata/istio/bookinfo/virtual-service-reviews-80-20.yaml {mesh.config_dir}/",
         f"Logs: {mesh.logs}/   Stop: Ctrl-C or `meshctl down --run-dir {mesh.run_dir}`",

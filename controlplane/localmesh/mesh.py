@@ -242,8 +242,11 @@ class Mesh:
         k = str(self.key_dir)
         ip = self.layout.cp_ip
         pilot_rpc = endpoints.tcp("pilot", "rpc", ip)
+        # galley's bus stays on loopback (pilot, beside it, is its one reader); its metrics, like
+        # pilot's and citadel's, on the namespace's address, where the host's Prometheus reaches them
         self.topo.start("galley", self.cp_ns, self._meshctl("galley", "--keys", k, "--config-dir",
-                                                            str(self.config_dir)), self.logs)
+                                                            str(self.config_dir), "--metrics-host", ip),
+                        self.logs)
         self.topo.start("pilot", self.cp_ns, self._meshctl("pilot", "--keys", k, "--host", ip), self.logs)
         self.topo.start("citadel", self.cp_ns, self._meshctl("citadel", "--keys", k, "--host", ip, "--ca-dir",
                                                              str(self.run_dir / "ca"), "--pilot", pilot_rpc),
@@ -353,6 +356,23 @@ class Mesh:
             time.sleep(0.2)
         raise MeshError(f"{name}: no proxy ACKed a new version within {timeout:g}s (an invalid file is "
                         f"rejected: see {self.logs / 'galley.log'}): {rows}")
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        """Every Prometheus endpoint of the mesh, by the process (`state.procs` name) serving it, as
+        a Prometheus on the node's network or, with host_access, on the host scrapes it. A pod has
+        two: its agent's merged one (`<pod>.sidecar`, 15020, the one to scrape, as Istio's
+        prometheus.io annotations say) and its proxy's own (`<pod>.proxy`, 15090, part of the
+        first: scraping both doubles every istio_* series)."""
+        lay = self.layout
+        urls = {name: f"http://{lay.cp_ip}:{endpoints.port(name, 'metrics')}/metrics"
+                for name in ("galley", "pilot", "citadel")}
+        urls[NODE] = f"http://{lay.bridge_ip}:{endpoints.port('nodeagent', 'metrics')}/metrics"
+        for pod in lay.pods:
+            urls[f"{pod.name}.sidecar"] = f"http://{pod.ip}:{endpoints.SIDECAR_PORTS['agent-metrics']}" \
+                                          "/stats/prometheus"
+            urls[f"{pod.name}.proxy"] = f"http://{pod.ip}:{endpoints.SIDECAR_PORTS['proxy-metrics']}" \
+                                        "/stats/prometheus"
+        return urls
 
     def pod(self, name: str) -> Pod:
         """By pod name, Deployment name or (the first of) app."""

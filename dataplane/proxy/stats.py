@@ -24,8 +24,14 @@ Internal stats (`inc`, `gauge_add`, `gauge_set`) are keyed by Envoy's stat name 
 e.g. ("cluster", "outbound|9080||reviews.default.svc.cluster.local", "upstream_rq_total"). The
 admin `/stats` page shows them as Envoy does ("cluster.<name>.upstream_rq_total: 3"); Prometheus
 gets `envoy_cluster_upstream_rq_total{cluster_name="<name>"} 3`: a three-part name's middle part
-becomes a label (TAG_NAMES, Envoy's tag names), other names are joined with "_". Like Envoy, these
-get a # TYPE line and no # HELP.
+becomes a label (TAG_NAMES, Envoy's tag names), other names are joined with "_". Envoy writes no
+# HELP for them, which promtool flags; ours have one (ENVOY_COUNTERS, else one made from the name).
+
+Every family the proxy keeps (Istio's and ENVOY_COUNTERS) is declared, # HELP and # TYPE, from the
+start, so a scrape before the first request is a valid exposition and not 0 bytes; samples appear
+with traffic, as in Envoy. Two names stay although promtool's lint warns, because dashboards and
+alerts query them: Istio's `istio_request_duration_milliseconds` (base unit "seconds") and Envoy's
+counters without "_total" (`envoy_cluster_upstream_rq_retry`, ...).
 
 Worker processes: each worker owns a `Stats`. On a scrape the agent, which already merges the
 app's and the proxy's metrics on 15020 as Istio's pilot-agent does, collects every worker's
@@ -104,6 +110,19 @@ HELP = {
     "istio_tcp_connections_closed_total": "TCP connections closed.",
     "istio_tcp_sent_bytes_total": "Bytes sent during response on TCP connections.",
     "istio_tcp_received_bytes_total": "Bytes received during request on TCP connections.",
+}
+# The Envoy stats the proxy counts, as Envoy names them in Prometheus, with what each counts
+ENVOY_COUNTERS = {
+    "envoy_cluster_upstream_cx_total": "Connections opened to the cluster's endpoints.",
+    "envoy_cluster_upstream_cx_connect_fail": "Connections to the cluster's endpoints that failed.",
+    "envoy_cluster_upstream_rq_pending_total": "Requests that waited for a pooled connection.",
+    "envoy_cluster_upstream_rq_pending_overflow":
+        "Requests failed at once because the cluster's pending-request limit was reached.",
+    "envoy_cluster_upstream_rq_retry": "Request retries.",
+    "envoy_cluster_upstream_rq_retry_overflow":
+        "Retries not made because the cluster's retry limit was reached.",
+    "envoy_cluster_upstream_rq_per_try_timeout": "Request attempts that hit the per-try timeout.",
+    "envoy_cluster_upstream_rq_timeout": "Requests that timed out waiting for the upstream's response.",
 }
 # Envoy's tag for the middle part of a three-part internal stat name (Istio's bootstrap stats_tags)
 TAG_NAMES = {"cluster": "cluster_name", "listener": "listener_address", "http": "http_conn_manager_prefix",
@@ -311,38 +330,36 @@ class Stats:
 
 
 def merge(snapshots: Iterable[Mapping[str, Any]]) -> str:
-    """Sum workers' snapshots and render Prometheus text (format 0.0.4)."""
+    """Sum workers' snapshots and render Prometheus text (format 0.0.4); every family the proxy
+    keeps is declared even before it has a sample."""
     m = _Merged(snapshots)
     out: list[str] = []
-    if m.requests:
-        series = sorted((_labels(LABELS, labels), values) for labels, values in m.requests.items())
-        _family(out, REQUESTS_TOTAL, "counter")
-        out.extend(f"{REQUESTS_TOTAL}{{{lbl}}} {_num(v[0])}\n" for lbl, v in series)
-        at = 4
-        for i, name in enumerate(HISTOGRAMS):
-            bounds = m.buckets[name]
-            les = [*(_num(b) for b in bounds), "+Inf"]
-            _family(out, name, "histogram")
-            for lbl, v in series:
-                total = 0
-                for le, n in zip(les, v[at:at + len(les)], strict=True):
-                    total += n
-                    out.append(f'{name}_bucket{{{lbl},le="{le}"}} {total}\n')
-                out.append(f"{name}_sum{{{lbl}}} {_num(v[1 + i])}\n{name}_count{{{lbl}}} {v[0]}\n")
-            at += len(les)
-    if m.tcp:
-        series = sorted((_labels(TCP_LABELS, labels), values) for labels, values in m.tcp.items())
-        for i, name in enumerate(TCP_COUNTERS):
-            _family(out, name, "counter")
-            out.extend(f"{name}{{{lbl}}} {_num(v[i])}\n" for lbl, v in series)
-    for kind, values in (("counter", m.counters), ("gauge", m.gauges)):
-        families: dict[str, list[str]] = {}
+    series = sorted((_labels(LABELS, labels), values) for labels, values in m.requests.items())
+    _family(out, REQUESTS_TOTAL, "counter", HELP[REQUESTS_TOTAL])
+    out.extend(f"{REQUESTS_TOTAL}{{{lbl}}} {_num(v[0])}\n" for lbl, v in series)
+    at = 4
+    for i, name in enumerate(HISTOGRAMS):
+        les = [*(_num(b) for b in m.buckets.get(name, DEFAULT_BUCKETS)), "+Inf"]
+        _family(out, name, "histogram", HELP[name])
+        for lbl, v in series:
+            total = 0
+            for le, n in zip(les, v[at:at + len(les)], strict=True):
+                total += n
+                out.append(f'{name}_bucket{{{lbl},le="{le}"}} {total}\n')
+            out.append(f"{name}_sum{{{lbl}}} {_num(v[1 + i])}\n{name}_count{{{lbl}}} {v[0]}\n")
+        at += len(les)
+    series = sorted((_labels(TCP_LABELS, labels), values) for labels, values in m.tcp.items())
+    for i, name in enumerate(TCP_COUNTERS):
+        _family(out, name, "counter", HELP[name])
+        out.extend(f"{name}{{{lbl}}} {_num(v[i])}\n" for lbl, v in series)
+    for kind, values, known in (("counter", m.counters, ENVOY_COUNTERS), ("gauge", m.gauges, {})):
+        families: dict[str, tuple[str, list[str]]] = {prom: (text, []) for prom, text in known.items()}
         for name, value in sorted(values.items()):
             prom, lbl = _prometheus_name(name)
-            families.setdefault(prom, []).append(f"{prom}{{{lbl}}} {_num(value)}\n" if lbl
-                                                 else f"{prom} {_num(value)}\n")
-        for prom, lines in sorted(families.items()):
-            out.append(f"# TYPE {prom} {kind}\n")
+            lines = families.setdefault(prom, (_stat_help(name), []))[1]
+            lines.append(f"{prom}{{{lbl}}} {_num(value)}\n" if lbl else f"{prom} {_num(value)}\n")
+        for prom, (text, lines) in sorted(families.items()):
+            _family(out, prom, kind, text)
             out.extend(lines)
     return "".join(out)
 
@@ -383,8 +400,15 @@ class _Merged:
                     target[tuple(name)] = target.get(tuple(name), 0) + value
 
 
-def _family(out: list[str], name: str, kind: str) -> None:
-    out.append(f"# HELP {name} {HELP[name]}\n# TYPE {name} {kind}\n")
+def _family(out: list[str], name: str, kind: str, text: str) -> None:
+    out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
+
+
+def _stat_help(name: tuple[str, ...]) -> str:
+    """HELP for an Envoy stat without one in ENVOY_COUNTERS: its admin /stats name."""
+    if len(name) == 3:
+        return f"Envoy stat {name[0]}.<{TAG_NAMES.get(name[0], name[0] + '_name')}>.{name[2]}."
+    return f"Envoy stat {'.'.join(name)}."
 
 
 def _labels(names: Sequence[str], values: Sequence[str]) -> str:

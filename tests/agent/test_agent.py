@@ -9,12 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -22,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.meshctl import cli
 from tests.conftest import ROOT, free_port, wait_for
-from tests.proxy.backends import Backend
+from tests.proxy.backends import Backend, text_server
 from tests.proxy.backends import echo as echo_back
 from tests.proxy.test_sidecar import http_get, roundtrip, tcp_config
 
@@ -39,16 +36,11 @@ def meshctl(name: str) -> list[str]:
 APP_METRICS = "# HELP app_orders_total Orders\n# TYPE app_orders_total counter\napp_orders_total 7\n"
 
 
-class App(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = APP_METRICS.encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: Any) -> None:
-        pass
+@contextlib.contextmanager
+def app_metrics(text: str) -> Iterator[str]:
+    """An app serving `text` as its Prometheus metrics; yields their URL."""
+    with text_server(text) as port:
+        yield f"http://127.0.0.1:{port}/metrics"
 
 
 @pytest.fixture
@@ -60,11 +52,8 @@ def echo() -> Iterator[Backend]:
 
 @pytest.fixture
 def app() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), App)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/metrics"
-    srv.shutdown()
-    srv.server_close()
+    with app_metrics(APP_METRICS) as url:
+        yield url
 
 
 def status(url: str) -> int | None:

@@ -8,6 +8,7 @@ sweep first removes namespaces that a crashed earlier run (our prefix, a dead pi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,13 +32,14 @@ def sweep_stale_namespaces() -> None:
         netns.sweep_stale()
 
 
-@pytest.fixture(scope="module")
-def mesh() -> Iterator[Mesh]:
+@contextlib.contextmanager
+def running_mesh(prefix: str = "zmesh-e2e-", **options: Any) -> Iterator[Mesh]:
+    """A mesh (`Mesh(**options)`) up for the block; torn down after it, its namespaces checked gone."""
     if reason := netns.missing_tools():
         unavailable(reason)
-    run_dir = Path(tempfile.mkdtemp(prefix="zmesh-e2e-"))
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
     run_dir.chmod(0o755)  # sidecars running as uid 1337 read their key and certificates below it
-    m = Mesh(run_dir / "run", say=lambda _msg: None)
+    m = Mesh(run_dir / "run", say=lambda _msg: None, **options)
     try:
         try:
             m.up(timeout=90)
@@ -49,6 +51,12 @@ def mesh() -> Iterator[Mesh]:
         shutil.rmtree(run_dir, ignore_errors=True)
     left = [ns for ns in os.listdir(netns.NETNS_DIR) if ns.startswith(f"{m.run_id}-")]
     assert not left, f"teardown left namespaces behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    with running_mesh() as m:
+        yield m
 
 
 def tail_logs(m: Mesh, lines: int = 5) -> str:

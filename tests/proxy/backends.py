@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
@@ -72,3 +73,26 @@ def echo(conn: socket.socket) -> None:
     while data := conn.recv(1 << 16):
         conn.sendall(data)
     conn.shutdown(socket.SHUT_WR)
+
+
+@contextlib.contextmanager
+def text_server(text: str) -> Iterator[int]:
+    """A threaded HTTP server on loopback answering every GET with `text`; yields its port."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -3,12 +3,12 @@ and following pilot over the bus. Real processes and sockets on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dataplane.proxy.control import MAX_FRAME, FrameError, FrameReader, frame
 from tests.conftest import ROOT, free_port, wait_for
-from tests.proxy.backends import Backend
+from tests.proxy.backends import Backend, text_server
 from tests.proxy.backends import echo as echo_back
 
 MESHCTL = str(ROOT / ".venv" / "bin" / "meshctl")
@@ -272,36 +272,19 @@ def _ready(admin: int) -> bool:
 def test_standalone_proxy_routes_http_from_pilots_translation(tmp_path) -> None:
     """An HTTP service translated by pilot (a VirtualService splitting by header), carried by
     the real sidecar process in explicit mode, to two tiny backends."""
-    import http.server
-
     from controlplane.pilot.model import Endpoint, Port, Protocol
     from controlplane.pilot.model import Proxy as PilotProxy
     from controlplane.pilot.networking import PushContext, build_proxy_config
     from tests.pilot.test_translation import resources, service, vs
 
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = self.server.name.encode()  # type: ignore[attr-defined]
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    backends = []
-    for name in ("v1", "v2"):
-        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-        srv.name = name  # type: ignore[attr-defined]
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        backends.append(srv)
+    backends = contextlib.ExitStack()
+    backend_ports = [backends.enter_context(text_server(name)) for name in ("v1", "v2")]
     port = free_port()
     web = service("web", ports=[Port("http", port, Protocol.HTTP)], addresses=["10.96.0.9"])
     endpoints = []
-    for srv, ver in zip(backends, ("v1", "v2"), strict=True):
+    for backend_port, ver in zip(backend_ports, ("v1", "v2"), strict=True):
         labels = {"app": "web", "version": ver}
-        endpoints.append(Endpoint(web.hostname, "127.0.0.1", srv.server_address[1], port, labels))
+        endpoints.append(Endpoint(web.hostname, "127.0.0.1", backend_port, port, labels))
     res = resources(vs("web", """  hosts: [web]
   http:
   - match: [{headers: {end-user: {exact: jason}}}]
@@ -333,5 +316,4 @@ spec:
         assert {s.labels["response_code"] for s in requests} == {"200"}
     finally:
         proxy.stop()
-        for srv in backends:
-            srv.shutdown()
+        backends.close()
