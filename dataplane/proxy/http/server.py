@@ -892,7 +892,7 @@ class HttpConnection:
         x-request-id in, framing as the body will be sent."""
         hdict = self.hdict
         fields = req.headers
-        if hopbyhop.nominates(req.connection):  # nominated fields go too, but never framing or Host
+        if req.connection and hopbyhop.nominates(req.connection):  # never framing or Host, though
             drop = hopbyhop.drop_set(_REQ_DROP, req.connection)
             fields = [f for f in fields if f[0] not in drop]
         elif not _REQ_DROP.isdisjoint(hdict):
@@ -1265,8 +1265,8 @@ class HttpConnection:
         self.resp = resp
         self.code = status
         req = self.req
-        drop = hopbyhop.drop_set(_RESP_DROP, resp.connection) if hopbyhop.nominates(resp.connection) \
-            else _RESP_DROP
+        drop = hopbyhop.drop_set(_RESP_DROP, resp.connection) \
+            if resp.connection and hopbyhop.nominates(resp.connection) else _RESP_DROP
         fields = resp.headers
         if self.md and self.md_out is not None:
             for name, value in fields:  # outbound to the mesh: the server's metadata, if it sent any

@@ -22,7 +22,7 @@ import re
 from dataplane.proxy.http import pathnorm
 from dataplane.proxy.http.codec import HTTPError, Request
 
-_NEEDS_WORK = re.compile(rb"[%\\#]|/\.|//")  # an origin-form target without any of these is final
+_NEEDS_WORK = re.compile(rb"[%\\#]|/[./]")  # an origin-form target without any of these is final
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
 _AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 
