@@ -67,7 +67,7 @@ def test_path_normalisation_modes(path: str, base: str, merge: str, decode: str)
     assert pathnorm.normalize(raw, DECODE_AND_MERGE_SLASHES).decode() == decode
     for mode in (BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES):  # normalising twice changes nothing more
         once = pathnorm.normalize(raw, mode)
-        assert pathnorm.normalize(once, mode) == once or "%25" in path
+        assert pathnorm.normalize(once, mode) == once
 
 
 @pytest.mark.parametrize("path", ["/a%00b", "/a%zz", "/a%4", "/a%"])
