@@ -19,7 +19,10 @@ from controlplane.config.validators import parse_duration
 
 OUTBOUND_MODES = ("ALLOW_ANY", "REGISTRY_ONLY")
 # The fields pilot acts on; the rest of Istio's MeshConfig is accepted with a warning naming it.
-SUPPORTED = ("rootNamespace", "trustDomain", "enableAutoMtls", "connectTimeout", "outboundTrafficPolicy")
+SUPPORTED = ("rootNamespace", "trustDomain", "enableAutoMtls", "connectTimeout", "outboundTrafficPolicy",
+             "pathNormalization")
+# meshConfig.pathNormalization.normalization; DEFAULT is BASE (the proxy's dataplane.proxy.http.pathnorm)
+PATH_NORMALIZATIONS = ("DEFAULT", "NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
 
 
 class MeshConfigError(ValueError):
@@ -59,6 +62,13 @@ def parse_mesh_config(text: str, source: str = "mesh config") -> tuple[dict[str,
             raise MeshConfigError(f"{source}: outboundTrafficPolicy.mode must be one of "
                                   f"{', '.join(OUTBOUND_MODES)}, got {mode!r}")
         out["outboundTrafficPolicy"] = {"mode": mode}
+    if "pathNormalization" in data:
+        setting = data["pathNormalization"]
+        kind = (setting.get("normalization") or "DEFAULT") if isinstance(setting, dict) else None
+        if kind not in PATH_NORMALIZATIONS:
+            raise MeshConfigError(f"{source}: pathNormalization.normalization must be one of "
+                                  f"{', '.join(PATH_NORMALIZATIONS)}, got {kind!r}")
+        out["pathNormalization"] = {"normalization": kind}
     warnings = [f"{source}: {field} is not supported by zmesh and is ignored"
                 for field in data if field not in SUPPORTED]
     return out, warnings

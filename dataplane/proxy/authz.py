@@ -19,8 +19,9 @@ Semantics (istio security/v1 AuthorizationPolicy):
   (AND), each by any of its values (OR), and no `not*` value may match.
 * Strings match as Istio's: exact, prefix `abc*`, suffix `*abc`, and `*` alone for "present"
   (so it never matches a missing value, e.g. the principal of a plain-text peer). Hosts
-  compare case-insensitively; paths without their query and normalized (`normalize_path`) so
-  dot segments and escapes cannot slip past a policy.
+  compare case-insensitively; paths without their query, as the proxy normalised them before
+  asking (meshConfig.pathNormalization, http/pathnorm.py), so dot segments and escapes cannot
+  slip past a policy.
 * Identity comes from the peer certificate: `principal` is its SPIFFE id
   (`spiffe://<td>/ns/<ns>/sa/<sa>`, empty unless the connection was mutual TLS), written in
   policies without the `spiffe://`; namespaces, service accounts and trust domains derive from
@@ -39,9 +40,7 @@ and `request.auth.*` (no JWT validation here), `destination.ip`, `connection.sni
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
-import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +57,6 @@ _OPERATION_FIELDS = frozenset({"methods", "notMethods", "paths", "notPaths", "po
                                "notHosts"})
 _HTTP_FIELDS = frozenset({"methods", "paths", "hosts"})  # of an operation, in their positive form
 _RULE_FIELDS = frozenset({"from", "to", "when"})
-_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
 
 class PolicyError(ValueError):
@@ -139,34 +136,6 @@ def _ip(text: str) -> tuple[int, int] | None:
         except OSError:
             continue
     return None
-
-
-def normalize_path(path: str) -> str:
-    """RFC 3986 normalization, as Istio's default (BASE) has Envoy do before RBAC: %-escapes of
-    unreserved characters decoded, then dot segments removed, so `/./admin`, `/x/../admin` and
-    `/%61dmin` all meet a policy on `/admin`."""
-    if "%" in path:
-        path = _ESCAPE.sub(_unescape, path)
-    out: list[str] = []
-    segments = path.split("/")
-    for i, seg in enumerate(segments):
-        last = i == len(segments) - 1
-        if seg == ".":
-            if last:
-                out.append("")
-        elif seg == "..":
-            if len(out) > 1:
-                out.pop()
-            if last:
-                out.append("")
-        else:
-            out.append(seg)
-    return "/".join(out) if out and out != [""] else "/"
-
-
-def _unescape(m: re.Match[str]) -> str:
-    char = chr(int(m.group(1), 16))
-    return char if char in _UNRESERVED else m.group(0)
 
 
 def _all(matchers: list[Matcher], p: _Peer) -> bool:
@@ -446,15 +415,13 @@ class Authz:
 
     def check_http(self, source_ip: str, principal: str, port: int, method: str, path: str, host: str,
                    headers: Mapping[str, str]) -> Decision:
-        """A request to the workload's `port`; `path` may carry a query (it is ignored), header
-        names in `headers` are lower case."""
+        """A request to the workload's `port`; `path` is already normalised and may carry a query
+        (it is ignored), header names in `headers` are lower case."""
         if not self.active:
             return ALLOWED
         query = path.find("?")
         if query >= 0:
             path = path[:query]
-        if "%" in path or "/." in path:
-            path = normalize_path(path)
         return self._decide(_Peer(source_ip, principal, port, method, path, host, headers))
 
     def check_tcp(self, source_ip: str, principal: str, port: int) -> Decision:

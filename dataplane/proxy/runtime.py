@@ -21,6 +21,7 @@ from typing import Any
 from dataplane.proxy.accesslog import AccessLog, NullAccessLog
 from dataplane.proxy.authz import ALLOW_ALL, Authz, PolicyError, compile_policies
 from dataplane.proxy.cluster import Cluster, build_clusters
+from dataplane.proxy.http import pathnorm
 from dataplane.proxy.reactor import Reactor
 from dataplane.proxy.routing import RouteConfig, build_route_configs
 from dataplane.proxy.stats import Stats
@@ -44,6 +45,7 @@ class Snapshot:
     inbound: dict[int, dict[str, Any]]          # workload port -> inbound listener
     outbound_policy: str                        # ALLOW_ANY | REGISTRY_ONLY
     authz: Authz = ALLOW_ALL                    # the inbound side's AuthorizationPolicies
+    path_normalization: str = pathnorm.DEFAULT  # meshConfig.pathNormalization (http/pathnorm.py)
 
     def outbound_listener(self, ip: str, port: int) -> dict[str, Any] | None:
         """The listener for a connection to ip:port: the service owning that VIP, else one that
@@ -78,7 +80,12 @@ def compile_snapshot(config: dict[str, Any], previous: Snapshot | None = None,
         inbound = {int(li["port"]): li for li in listeners["inbound"]}
         policy = str(listeners.get("outbound_traffic_policy", "ALLOW_ANY"))
         version = str(config.get("version", ""))
-        authz = compile_policies((config.get("security") or {}).get("authorization"))
+        security = config.get("security") or {}
+        authz = compile_policies(security.get("authorization"))
+        normalization = security.get("path_normalization", pathnorm.DEFAULT)
+        if normalization not in pathnorm.MODES:
+            raise ConfigError(f"security.path_normalization must be one of {', '.join(pathnorm.MODES)}, "
+                              f"got {normalization!r}")
     except ConfigError:
         raise
     except PolicyError as exc:
@@ -86,7 +93,8 @@ def compile_snapshot(config: dict[str, Any], previous: Snapshot | None = None,
     except (KeyError, TypeError, ValueError, AttributeError, re.error) as exc:
         raise ConfigError(f"cannot compile config: {type(exc).__name__}: {exc}") from exc
     _check_references(config, routes, clusters, outbound, inbound)
-    return Snapshot(version, config, routes, clusters, outbound, by_address, inbound, policy, authz)
+    return Snapshot(version, config, routes, clusters, outbound, by_address, inbound, policy, authz,
+                    normalization)
 
 
 def _check_references(config: dict[str, Any], routes: dict[str, RouteConfig], clusters: dict[str, Cluster],

@@ -42,6 +42,7 @@ class Seen:
     headers: dict[bytes, bytes]
     body: bytes
     fields: list[tuple[bytes, bytes]] = field(default_factory=list)
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def reply(status: int = 200, body: bytes = b"ok", headers: list[tuple[bytes, bytes]] | None = None,
@@ -89,6 +90,7 @@ class Backend(TcpBackend):
                     body.append(ev.data)
                 elif isinstance(ev, EndOfMessage) and current is not None:
                     current.body = b"".join(body)
+                    current.trailers = ev.trailers
                     self.seen.append(current)
                     out = self.http_handler(conn, current)
                     if out is None:

@@ -67,6 +67,9 @@ set; a match field that is absent matches anything.
       mtls: {mode: STRICT|PERMISSIVE|DISABLE, ports: {"<port>": mode}}
       authorization: [{name: "ns/name", action: CUSTOM|DENY|ALLOW|AUDIT, rules: Istio's rules as written,
                        provider?: name}]           in evaluation order: CUSTOM, DENY, ALLOW, AUDIT
+      path_normalization: NONE|BASE|MERGE_SLASHES|DECODE_AND_MERGE_SLASHES   meshConfig.pathNormalization:
+                                        how every request's path is normalised before authorization,
+                                        routing and forwarding (both directions)
 
 Only the proxy's namespace and labels shape everything but the inbound side, so pilot
 builds those parts once per (namespace, labels) and two such proxies get one version.

@@ -106,7 +106,7 @@ class PushContext:
 
     `mesh_config` takes Istio's MeshConfig names: rootNamespace (istio-system), trustDomain
     (cluster.local), enableAutoMtls (true), connectTimeout (10s), outboundTrafficPolicy.mode
-    (ALLOW_ANY).
+    (ALLOW_ANY), pathNormalization.normalization (DEFAULT, which is BASE).
     """
 
     def __init__(self, services: Iterable[Service], endpoints: Iterable[Endpoint],
@@ -117,6 +117,8 @@ class PushContext:
         self.enable_auto_mtls: bool = mesh.get("enableAutoMtls", True)
         self.connect_timeout_ms = millis(mesh.get("connectTimeout"), 10_000)
         self.outbound_traffic_policy: str = (mesh.get("outboundTrafficPolicy") or {}).get("mode", ALLOW_ANY)
+        normalization = (mesh.get("pathNormalization") or {}).get("normalization", "DEFAULT")
+        self.path_normalization: str = "BASE" if normalization == "DEFAULT" else normalization
 
         self.services: tuple[Service, ...] = tuple(sorted(services, key=lambda s: (s.hostname, s.namespace)))
         self.service_by_host: dict[str, Service] = {}

@@ -87,4 +87,4 @@ def build_security(push: PushContext, proxy: Proxy) -> dict[str, Any]:
             entry["provider"] = p.spec["provider"].get("name", "")
         policies.append(entry)
     return {"mtls": {"mode": mode, "ports": {str(port): m for port, m in ports.items()}},
-            "authorization": policies}
+            "authorization": policies, "path_normalization": push.path_normalization}

@@ -28,8 +28,9 @@ a reference cycle that only the cyclic GC can free).
 
 Strictness follows RFC 9112's request-smuggling defences: CR and LF only as CRLF pairs, no
 obs-fold, no whitespace before a field colon, no control characters, one Content-Length value
-(identical repeats are merged), no Content-Length together with Transfer-Encoding, and in
-requests no transfer coding but `chunked`, which must come last.
+(identical repeats are merged: `headers` keeps one field with the single value), no
+Content-Length together with Transfer-Encoding, and in requests no transfer coding but
+`chunked`, which must come last.
 
 Errors raise `HTTPError(status, reason)`: `status` is what the proxy answers before closing
 (RequestParser: 400, 413, 414, 431, 501, 505; ResponseParser: always 502). After an error the
@@ -384,8 +385,12 @@ def _split_head(p: _Parser) -> _Head | None:
             n = _content_length(value)
             if n < 0:
                 raise HTTPError(400, "invalid Content-Length")
-            if cl is not None and n != cl:
-                raise HTTPError(400, "conflicting Content-Length values")
+            if cl is not None:
+                if n != cl:
+                    raise HTTPError(400, "conflicting Content-Length values")
+                headers.pop()  # a repeat: the first field carries the value
+            elif not value.isdigit():
+                headers[-1] = (name, b"%d" % n)  # "5, 5": the one value, as the head goes on
             cl = n
         elif kind == _TE:
             te = value if te is None else te + b"," + value

@@ -77,6 +77,7 @@ from dataplane.proxy.authz import DENIED_BODY
 from dataplane.proxy.cluster import CONNECT_FAILURE, RESET, TIMEOUT, Cluster, Endpoint
 from dataplane.proxy.flags import RBAC
 from dataplane.proxy.flags import join as join_flags
+from dataplane.proxy.http import hopbyhop, target
 from dataplane.proxy.http.codec import (
     CLOSED,
     CONTINUE,
@@ -115,15 +116,9 @@ _MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _ENDING = EPOLLRDHUP | EPOLLHUP | EPOLLERR  # a FIN or reset waits behind the data: read until it shows
 
-# Request fields never forwarded as received: hop-by-hop ones, the framing we redo, what the proxy
-# answers itself (Expect) or sets per try, and peers' metadata (never seen by apps or non-mesh clients).
-_REQ_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
-                       b"upgrade", b"expect", b"x-envoy-attempt-count", b"http2-settings",
-                       *peer_metadata.HEADERS})
-_RESP_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
-                        b"upgrade", *peer_metadata.HEADERS})
+_REQ_DROP = hopbyhop.REQUEST_DROP  # what a forwarded head never carries (hopbyhop.py says why)
+_RESP_DROP = hopbyhop.RESPONSE_DROP
 _PEER_MD = peer_metadata.HEADER
-_CONN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})  # Connection tokens naming no field
 
 # Envoy's local reply bodies
 NO_HEALTHY_UPSTREAM = b"no healthy upstream"
@@ -715,12 +710,12 @@ class HttpConnection:
     def _on_head(self, req: Request) -> None:
         """A request head: route it and start forwarding (or answer it locally)."""
         rt = self.rt
+        snap = self.snap = rt.snapshot
+        target.normalize_request(req, snap.path_normalization)  # once, before authorization and routing
         self.req = req
         self.t0 = self.reactor.now
         if rt.access_log.enabled:
             self.wall0 = time.time()
-        snap = rt.snapshot
-        self.snap = snap
         hdict = self.hdict = dict(req.headers)
         if self.md_out is None:
             md = hdict.get(_PEER_MD)
@@ -897,9 +892,8 @@ class HttpConnection:
         x-request-id in, framing as the body will be sent."""
         hdict = self.hdict
         fields = req.headers
-        conn_tokens = req.connection
-        if conn_tokens and not _CONN_TOKENS.issuperset(conn_tokens):
-            drop = _REQ_DROP.union(conn_tokens)
+        if req.connection and hopbyhop.nominates(req.connection):  # never framing or Host, though
+            drop = hopbyhop.drop_set(_REQ_DROP, req.connection)
             fields = [f for f in fields if f[0] not in drop]
         elif not _REQ_DROP.isdisjoint(hdict):
             fields = [f for f in fields if f[0] not in _REQ_DROP]
@@ -948,7 +942,7 @@ class HttpConnection:
         self.req_done = True
         req = self.req
         if req.chunked:
-            tail = last_chunk(ev.trailers)
+            tail = last_chunk(hopbyhop.trailers(ev.trailers, req.connection) if ev.trailers else ())
             if self.body is not None:
                 self.body = [*self.body, tail]
             self._send_up(tail)
@@ -1181,7 +1175,8 @@ class HttpConnection:
                     out.append(head)
             elif cls is EndOfMessage:
                 if self.resp_frame == _FRAME_CHUNK:
-                    out.append(last_chunk(ev.trailers))
+                    out.append(last_chunk(hopbyhop.trailers(ev.trailers, self.resp.connection)
+                                          if ev.trailers else ()))
                 if out:
                     self._send_down(out[0] if len(out) == 1 else b"".join(out))
                 if not self.closed:
@@ -1270,9 +1265,8 @@ class HttpConnection:
         self.resp = resp
         self.code = status
         req = self.req
-        conn_tokens = resp.connection
-        drop = _RESP_DROP.union(conn_tokens) if conn_tokens and not _CONN_TOKENS.issuperset(conn_tokens) \
-            else _RESP_DROP
+        drop = hopbyhop.drop_set(_RESP_DROP, resp.connection) \
+            if resp.connection and hopbyhop.nominates(resp.connection) else _RESP_DROP
         fields = resp.headers
         if self.md and self.md_out is not None:
             for name, value in fields:  # outbound to the mesh: the server's metadata, if it sent any
