@@ -110,10 +110,7 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
     logs.configure()
     ring = keys.Keyring(key_dir, name)
     loop = Loop("pilot")
-    try:
-        pub = signed_publisher(loop, "pilot", ring, host, port_base)
-    except keys.KeyringError as exc:
-        raise click.ClickException(str(exc)) from None
+    # a bad mesh config fails before anything is bound
     mesh_file = MeshConfigFile(mesh_config_path) if mesh_config_path else None
     mesh_config: dict = {}
     warnings: list[str] = []
@@ -123,6 +120,10 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
             mesh_config, warnings = mesh_file.read()
         except MeshConfigError as exc:
             raise click.ClickException(str(exc)) from None
+    try:
+        pub = signed_publisher(loop, "pilot", ring, host, port_base)
+    except keys.KeyringError as exc:
+        raise click.ClickException(str(exc)) from None
     pilot = Pilot(loop, pub, Debouncer(debounce_after, debounce_max), lease=lease, mesh_config=mesh_config)
     for warning in warnings:
         pilot.log.warning("mesh config field ignored", detail=warning)
