@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from dataplane.proxy.http.codec import HTTPError, RequestParser
 from dataplane.proxy.http.options import DEFAULT, HttpOptions, http_options
 from dataplane.proxy.runtime import ConfigError, compile_snapshot
 from tests.conftest import wait_for
@@ -161,6 +162,16 @@ def test_a_bare_lf_in_chunk_framing_is_400_at_once_on_both_sides(sink: Sink, vec
         assert r.status == 400 and r.headers[b"connection"] == b"close"
         assert c.closed() and wait_for(lambda: sink.ended == 1)
         assert wait_for(lambda: proxy.requests().get((SERVICE, "400", "DPE")) == 1)
+
+
+@pytest.mark.parametrize("vector", ["bare LF in a chunk size line", "bare LF after chunk data"])
+def test_the_codec_fails_a_bare_lf_in_chunk_framing_without_waiting(vector: str) -> None:
+    parser = RequestParser()
+    parser.feed(VECTORS[vector])  # nothing more will come: the error must not need more bytes
+    with pytest.raises(HTTPError) as err:
+        for _ in range(5):
+            parser.next_event()
+    assert err.value.status == 400 and "LF" in err.value.reason  # "bare LF ...", "... not followed by CRLF"
 
 
 def test_options_come_from_the_listener_and_bad_ones_are_nacked() -> None:

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from dataplane.proxy.http.codec import NEED_DATA
-from dataplane.proxy.http.options import HttpOptions
-from dataplane.proxy.http.upgrades import FORWARD, REFUSE, STRIP, verdict
+from dataplane.proxy.http.codec import EndOfMessage, Request, RequestParser, TunnelData
+from dataplane.proxy.http.options import DEFAULT, HttpOptions
+from dataplane.proxy.http.upgrades import FORWARD, REFUSE, STRIP, stripped, verdict
 from tests.conftest import wait_for
 from tests.proxy.l7helpers import Backend, Client, Proxy, Seen, reply
 from tests.proxy.reference_peers import haproxy, nginx
@@ -69,7 +69,7 @@ def upgrade(kind: str, path: str = "/first") -> bytes:
 
 
 def test_only_allowed_types_are_tunnelled() -> None:
-    default = HttpOptions().upgrade_types
+    default = DEFAULT.upgrade_types
     assert verdict(b"GET", b"websocket", default) == FORWARD
     assert verdict(b"GET", b"WebSocket ", default) == FORWARD
     assert verdict(b"GET", b"h2c", default) == STRIP
@@ -79,6 +79,17 @@ def test_only_allowed_types_are_tunnelled() -> None:
     assert verdict(b"CONNECT", None, default) == REFUSE
     assert verdict(b"CONNECT", None, default | {b"connect"}) == FORWARD
     assert verdict(b"GET", None, frozenset()) == FORWARD
+
+
+def test_a_stripped_upgrade_does_not_pause_the_parser() -> None:
+    parser = RequestParser()
+    parser.feed(upgrade("h2c") + b"GET /second HTTP/1.1\r\nHost: svc\r\n\r\n")
+    first = parser.next_event()
+    assert isinstance(first, Request) and verdict(first.method, first.upgrade, DEFAULT.upgrade_types) == STRIP
+    assert stripped(first, parser).upgrade is None
+    assert isinstance(parser.next_event(), EndOfMessage)
+    second = parser.next_event()  # not PAUSED: HTTP goes on
+    assert isinstance(second, Request) and second.target == b"/second"
 
 
 def test_websocket_tunnels(app: Backend) -> None:
@@ -158,7 +169,9 @@ def test_upgrades_are_authorized_and_the_next_request_too(app: Backend, guarded:
 
 def _read(c: Client, size: int) -> bytes:
     """Bytes after a switch: what the parser kept, then the socket's, until `size` (or EOF)."""
-    got = b"".join(getattr(ev, "data", b"") for ev in iter(c.parser.next_event, NEED_DATA))
+    got = b""
+    while (ev := c.parser.next_event()).__class__ is TunnelData:
+        got += ev.data
     c.sock.settimeout(5)
     while len(got) < size and (data := c.sock.recv(65536)):
         got += data
