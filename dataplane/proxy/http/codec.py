@@ -291,8 +291,7 @@ class RequestParser(_Parser):
         self._step = _tunnel
 
     def decline_upgrade(self) -> None:
-        """The proxy forwards the Upgrade request just parsed as a plain one (h2c, say): HTTP goes
-        on after it without pausing."""
+        """The Upgrade request just parsed goes on as a plain one (h2c): no pause after it."""
         if self._after is _paused:
             self._after = _request_head
 
