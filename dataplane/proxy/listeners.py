@@ -38,6 +38,7 @@ from dataplane.proxy import flags as F
 from dataplane.proxy import sockets, tls
 from dataplane.proxy.acceptor import Acceptor
 from dataplane.proxy.cluster import CONNECT_FAILURE
+from dataplane.proxy.http.options import http_options
 from dataplane.proxy.reactor import EPOLLIN, EPOLLRDHUP
 from dataplane.proxy.runtime import BLACKHOLE, PASSTHROUGH, Runtime
 from dataplane.proxy.stats import DESTINATION, SOURCE, TCP, Workload
@@ -220,13 +221,15 @@ class SidecarListener:
     def _http(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any],
               principal: str = "") -> None:
         assert self.http_factory is not None
+        options = http_options(listener.get("http"))  # checked when the config was applied
         if self.direction == "outbound":
             self.http_factory(self.runtime, conn, direction="outbound", inbound_cluster=None,
-                              route_port=listener.get("route_config"), peer=peer, local=target)
+                              route_port=listener.get("route_config"), peer=peer, local=target,
+                              options=options)
         else:
             self.http_factory(self.runtime, conn, direction="inbound", route_port=None,
                               inbound_cluster=listener["cluster"], peer=peer, local=target,
-                              principal=principal)
+                              principal=principal, options=options)
 
     def _sniff(self, conn: socket.socket, peer: Address, target: Address, listener: dict[str, Any],
                principal: str = "") -> None:

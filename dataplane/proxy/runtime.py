@@ -22,6 +22,7 @@ from dataplane.proxy.accesslog import AccessLog, NullAccessLog
 from dataplane.proxy.authz import ALLOW_ALL, Authz, PolicyError, compile_policies
 from dataplane.proxy.cluster import Cluster, build_clusters
 from dataplane.proxy.http import pathnorm
+from dataplane.proxy.http.options import http_options
 from dataplane.proxy.reactor import Reactor
 from dataplane.proxy.routing import RouteConfig, build_route_configs
 from dataplane.proxy.stats import Stats
@@ -73,6 +74,8 @@ def compile_snapshot(config: dict[str, Any], previous: Snapshot | None = None,
         clusters = build_clusters(config, previous.clusters if previous else None, rng)
         outbound: dict[int, list[dict[str, Any]]] = {}
         by_address: dict[tuple[str, int], dict[str, Any]] = {}
+        for li in (*listeners["outbound"], *listeners["inbound"]):
+            http_options(li.get("http"))  # bad HTTP options are NACKed here, not met per connection
         for li in listeners["outbound"]:
             outbound.setdefault(int(li["port"]), []).append(li)
             for address in li.get("addresses") or ():

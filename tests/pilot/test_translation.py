@@ -162,9 +162,10 @@ def test_outbound_listeners_one_per_service_port_by_protocol() -> None:
     assert [li["port"] for li in cfg["listeners"]["outbound"]] == [8000, 9080, 9080, 9080, 9080, 27017]
     reviews = listeners[f"{host('reviews')}_9080"]
     assert reviews == {"name": f"{host('reviews')}_9080", "service": host("reviews"),
-                       "addresses": ["10.96.0.3"], "port": 9080, "protocol": "HTTP", "route_config": "9080"}
+                       "addresses": ["10.96.0.3"], "port": 9080, "protocol": "HTTP", "route_config": "9080",
+                       "http": {"upgrade_types": ["websocket"]}}
     mongo = listeners[f"{host('mongo')}_27017"]
-    assert "route_config" not in mongo
+    assert "route_config" not in mongo and "http" not in mongo
     assert mongo["tcp_routes"] == [{"match": {}, "clusters": [{"name": f"outbound|27017||{host('mongo')}",
                                                                "weight": 100}]}]
     sniffed = listeners[f"{host('web')}_8000"]  # UNKNOWN: routed as HTTP if it turns out to be, else TCP
@@ -220,9 +221,11 @@ spec:
     cfg = config(res, proxy("reviews", ip="10.1.0.1"), services=services, endpoints=endpoints)
     assert cfg["listeners"]["inbound"] == [
         {"name": "inbound_9080", "port": 9080, "protocol": "HTTP", "mtls_mode": "STRICT",
-         "cluster": "inbound|9080||", "services": [{"service": host("reviews"), "port": 9080}]},
+         "cluster": "inbound|9080||", "services": [{"service": host("reviews"), "port": 9080}],
+         "http": {"upgrade_types": ["websocket"]}},
         {"name": "inbound_19090", "port": 19090, "protocol": "GRPC", "mtls_mode": "PERMISSIVE",
-         "cluster": "inbound|19090||", "services": [{"service": host("reviews"), "port": 9090}]},
+         "cluster": "inbound|19090||", "services": [{"service": host("reviews"), "port": 9090}],
+         "http": {"upgrade_types": ["websocket"]}},
     ]
     assert cfg["clusters"]["inbound|19090||"]["direction"] == "inbound"
     assert cfg["endpoints"]["inbound|19090||"][0]["address"] == "127.0.0.1"

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from dataplane.proxy.http.codec import NEED_DATA
+from dataplane.proxy.http.options import HttpOptions
 from dataplane.proxy.http.server import http_state
 from dataplane.proxy.stats import LABELS
 from tests.conftest import free_port, wait_for
@@ -161,7 +162,7 @@ def test_upgrade_is_tunnelled_after_101(backends: Backends, proxies: Proxies) ->
 
 
 def test_slowloris_gets_408_and_other_clients_are_served(backends: Backends, proxies: Proxies) -> None:
-    proxy, _ = start(backends, proxies, header_timeout=0.5)
+    proxy, _ = start(backends, proxies, options=HttpOptions(request_headers_timeout=0.5))
     slow = Client(proxy.port)
     slow.send(b"GET / HTTP/1.1\r\nHost: svc\r\nX-Slow: ")
     fast = Client(proxy.port)
@@ -586,7 +587,7 @@ def test_back_pressure_bounds_what_the_proxy_holds(backends: Backends, proxies: 
 
 
 def test_idle_keep_alive_connections_close_and_draining(backends: Backends, proxies: Proxies) -> None:
-    proxy, _ = start(backends, proxies, idle_timeout=0.3)
+    proxy, _ = start(backends, proxies, options=HttpOptions(idle_timeout=0.3))
     idle = Client(proxy.port)
     assert idle.request().status == 200
     assert idle.closed(timeout=3)

@@ -12,12 +12,16 @@ set; a match field that is absent matches anything.
       outbound: [                       sorted by (port, service); one per visible service port
         {name: "<host>_<port>", service: host, addresses: [vip], port, protocol,
          route_config?: "<port>",       HTTP (and UNKNOWN, sniffed) ports: a key of `routes`
+         http?: HttpOptions,            the same ports: the HTTP connection manager's settings
          tcp_routes?: [                 non-HTTP (and UNKNOWN) ports; first match wins, last always matches
            {match: {destination_subnets?: [cidr], sni_hosts?: [host]},
             clusters: [{name, weight}]}]}]
       inbound: [                        one per port the proxy's own workload serves
         {name: "inbound_<port>", port, protocol, mtls_mode: STRICT|PERMISSIVE|DISABLE,
-         cluster: "inbound|<port>||", services: [{service: host, port: service port}]}]
+         cluster: "inbound|<port>||", services: [{service: host, port: service port}],
+         http?: HttpOptions}]           HTTP (and UNKNOWN) ports
+        HttpOptions = {request_headers_timeout_ms?, stream_idle_timeout_ms?, idle_timeout_ms?,
+                       upgrade_types?: [str]}   pilot sets upgrade_types ["websocket"], as Istio does
     routes: {"<port>": {name, virtual_hosts: [
         {name: "<host>:<port>", service?: host,
          domains: [...],                exact Host/:authority values; "*" only in the last (fallback) host

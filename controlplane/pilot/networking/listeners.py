@@ -20,6 +20,12 @@ from controlplane.pilot.networking.util import INBOUND, OUTBOUND, cluster_name
 TLS_PROTOCOLS = (Protocol.HTTPS, Protocol.TLS)
 
 
+def http_connection_manager() -> dict[str, Any]:
+    """What Istio's pilot sets on every HTTP connection manager that the proxy honours: websocket
+    upgrades allowed. The timeouts are left to the proxy's defaults (dataplane/proxy/http/options.py)."""
+    return {"upgrade_types": ["websocket"]}
+
+
 def _l4_match(match: dict[str, Any]) -> dict[str, Any]:
     """What the proxy still has to check on a connection: where it was going, and its SNI."""
     out: dict[str, Any] = {}
@@ -60,6 +66,7 @@ def build_outbound_listeners(push: PushContext, proxy: Proxy, scope: SidecarScop
                 "addresses": sorted(service.addresses), "port": port.number, "protocol": port.protocol.value}
             if is_http_port(port.protocol):
                 listener["route_config"] = str(port.number)
+                listener["http"] = http_connection_manager()
             if not port.protocol.is_http:
                 listener["tcp_routes"] = tcp_routes(push, proxy, scope, service, port)
             listeners.append(listener)
@@ -74,5 +81,6 @@ def build_inbound_listeners(instances: list[ServiceInstance], mtls_mode: str,
         by_port[inst.endpoint_port].append(inst)
     return [{"name": f"{INBOUND}_{number}", "port": number, "protocol": insts[0].port.protocol.value,
              "mtls_mode": port_modes.get(number, mtls_mode), "cluster": cluster_name(INBOUND, number),
-             "services": [{"service": i.service.hostname, "port": i.port.number} for i in insts]}
+             "services": [{"service": i.service.hostname, "port": i.port.number} for i in insts],
+             **({"http": http_connection_manager()} if is_http_port(insts[0].port.protocol) else {})}
             for number, insts in sorted(by_port.items())]

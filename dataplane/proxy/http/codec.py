@@ -291,6 +291,11 @@ class RequestParser(_Parser):
             raise RuntimeError("start_tunnel() needs a PAUSED parser")
         self._step = _tunnel
 
+    def decline_upgrade(self) -> None:
+        """The Upgrade request just parsed goes on as a plain one (h2c): no pause after it."""
+        if self._after is _paused:
+            self._after = _request_head
+
     def resume(self) -> None:
         """The upgrade/CONNECT was refused: parse the following bytes as requests again."""
         if self._step is not _paused:
@@ -679,6 +684,8 @@ def _chunked(p: _Parser) -> Event:
                 if eol < 0:
                     if n - pos >= _MAX_CHUNK_LINE + 2:
                         raise HTTPError(400, "chunk size line too long")
+                    if buf.find(b"\n", pos, n) >= 0:  # no CRLF will end this line: fail now, not wait
+                        raise HTTPError(400, "bare LF in chunk size line")
                     break
                 line = buf[pos:eol]
                 if 0 < len(line) < 16 and not line.translate(None, _HEX):
@@ -708,6 +715,8 @@ def _chunked(p: _Parser) -> Event:
                 pos += left
                 left = 0
             if n - pos < 2:  # the CRLF after chunk data
+                if n > pos and buf[pos] != 13:
+                    raise HTTPError(400, "chunk data not followed by CRLF")
                 break
             if buf[pos] != 13 or buf[pos + 1] != 10:
                 raise HTTPError(400, "chunk data not followed by CRLF")

@@ -45,7 +45,8 @@ Why it is shaped this way (the hot path is the point of this module):
   events come one at a time. A large body's splice starts only behind a written head.
 * Timers cost only when armed: a route timeout, a per-try timeout, a fault delay or a retry
   back-off, and the header timeout only while a partial head is buffered. Idle keep-alive
-  connections and draining are handled by one sweep a second per worker (`HttpState`).
+  connections, stalled request bodies (`last` is the time of the last read) and draining are
+  handled by one sweep a second per worker (`HttpState`); the listener's `HttpOptions` set them.
 
 Istio's metadata exchange (peer_metadata.py), so the metrics name both workloads: requests to an
 in-mesh upstream (the endpoint's pool does Istio mTLS) carry our precomputed metadata lines; the
@@ -55,18 +56,19 @@ answered with ours. Peers' metadata fields are always dropped, so apps never see
 
 Local replies carry Envoy's bodies and response flags (flags.py), keep the connection alive
 when the request was read whole, and close it otherwise. A bad request gets the codec's status
-and a close; a client that stalls mid-head gets 408 after `header_timeout`.
+and a close; a client that stalls mid-head or mid-body gets 408. Upgrades: see upgrades.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import random
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
@@ -75,7 +77,7 @@ from bus.logs import Log
 from dataplane.proxy import peer_metadata, routing, sockets, tls
 from dataplane.proxy.authz import DENIED_BODY
 from dataplane.proxy.cluster import CONNECT_FAILURE, RESET, TIMEOUT, Cluster, Endpoint
-from dataplane.proxy.flags import RBAC
+from dataplane.proxy.flags import RBAC, SI
 from dataplane.proxy.flags import join as join_flags
 from dataplane.proxy.http import hopbyhop, target
 from dataplane.proxy.http.codec import (
@@ -89,11 +91,13 @@ from dataplane.proxy.http.codec import (
     RequestParser,
     Response,
     ResponseParser,
-    TunnelData,
     error_response,
     last_chunk,
     valid_field,
 )
+from dataplane.proxy.http.options import DEFAULT, HttpOptions
+from dataplane.proxy.http.tunnel import Tunnel
+from dataplane.proxy.http.upgrades import REFUSE, STRIP, stripped, verdict
 from dataplane.proxy.http.upstream import OVERFLOW, PENDING, EndpointPool, UpstreamConn, Upstreams
 from dataplane.proxy.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
 from dataplane.proxy.stats import DESTINATION, SOURCE, Key, Workload
@@ -102,8 +106,6 @@ from dataplane.proxy.tcp import PIPE_SIZE, give_pipe, take_pipe
 READ_SIZE = 65536
 MAX_BUFFER = 65536  # bytes held for a peer before the proxy stops reading the other side
 RETRY_BUFFER = 65536  # request bodies up to this size are kept for retries and mirrors
-HEADER_TIMEOUT = 10.0  # a request head must arrive whole within this (408 otherwise)
-IDLE_TIMEOUT = 3600.0  # Envoy's default idle timeout for downstream keep-alive connections
 SHADOW_TIMEOUT = 15.0  # a mirrored request without a route timeout gives up after this
 LINGER = 2.0  # a closing connection drops what the client still sends for this long, then closes
 SWEEP_INTERVAL = 1.0
@@ -392,10 +394,10 @@ class HttpConnection:
         "attempts", "body", "body_size", "c_auth", "c_plan", "c_snap", "closed", "closing", "cluster", "code",
         "conn", "d_ending", "d_eof", "d_pending", "d_read", "d_readable", "d_write", "detail", "direction",
         "ep", "ep_live", "fd",
-        "flags", "hash_key", "hdict", "head", "head_timer", "header_timeout", "idle_timeout", "in_pump",
-        "inbound_cluster", "keep", "last", "linger_timer", "local", "local_str", "md", "md_out", "parser",
-        "peer", "peer_md", "peer_str", "pipe", "piped", "plan", "pool_wait", "principal", "race_retried",
-        "rare", "reactor", "reporter",
+        "flags", "hash_key", "hdict", "head", "head_timer", "in_pump",
+        "inbound_cluster", "keep", "last", "linger_timer", "local", "local_str", "md", "md_out", "opts",
+        "parser", "peer", "peer_md", "peer_str", "pipe", "piped", "plan", "pool_wait", "principal",
+        "race_retried", "rare", "reactor", "reporter",
         "req", "req_bytes", "req_done", "resp", "resp_bytes", "resp_done", "resp_frame", "resp_head",
         "resp_ops", "retries", "retry_held", "rid", "route_port", "route_timer", "rt", "sent_at", "skey",
         "snap", "sock", "splice_left", "state", "t0", "tried", "try_timer", "tunnel", "up_cb", "up_ending",
@@ -404,8 +406,7 @@ class HttpConnection:
 
     def __init__(self, runtime: Any, sock: socket.socket, *, direction: str, route_port: str | None,
                  inbound_cluster: str | None, peer: tuple[str, int], local: tuple[str, int],
-                 initial: bytes = b"", header_timeout: float = HEADER_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT, principal: str = "") -> None:
+                 initial: bytes = b"", options: HttpOptions = DEFAULT, principal: str = "") -> None:
         if direction not in ("outbound", "inbound"):
             raise ValueError(f"direction must be outbound or inbound, not {direction!r}")
         self.rt = runtime
@@ -427,14 +428,13 @@ class HttpConnection:
         self.md_out: bytes | None = md if direction == "outbound" else None
         self.peer_str = f"{peer[0]}:{peer[1]}"
         self.local_str = f"{local[0]}:{local[1]}"
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
+        self.opts = options  # the listener's timeouts and allowed upgrades (options.py)
         self.d_readable = self.d_ending = self.d_eof = False
         self.d_pending = b""
         self.closed = self.closing = self.in_pump = False
         self.head_timer: Timer | None = None
         self.linger_timer: Timer | None = None
-        self.tunnel: _Tunnel | None = None
+        self.tunnel: Tunnel | None = None
         self.last = self.reactor.now
         self.up_cb = self._on_up
         self.up_pending: list[bytes] = []
@@ -524,6 +524,7 @@ class HttpConnection:
                 self._down_broken(e)
                 return
             if data:
+                self.last = self.reactor.now  # for the sweep: idle keep-alive, stalled body
                 if len(data) < READ_SIZE and not self.d_ending:
                     self.d_readable = False  # a short read from a stream socket: it is drained
                 parser.feed(data)
@@ -550,9 +551,9 @@ class HttpConnection:
                         self._on_head(ev)
                         continue
                     if ev is NEED_DATA:
-                        if self.head_timer is None and parser.buffered:  # a partial head: time it
-                            self.head_timer = self.reactor.call_later(self.header_timeout,
-                                                                      self._on_head_timeout)
+                        timeout = self.opts.request_headers_timeout
+                        if self.head_timer is None and parser.buffered and timeout != math.inf:
+                            self.head_timer = self.reactor.call_later(timeout, self._on_head_timeout)
                     elif ev is CLOSED:
                         self._close()
                     return
@@ -627,12 +628,21 @@ class HttpConnection:
             self._close_after_flush()
 
     def _check_idle(self, now: float, draining: bool) -> None:
-        """The sweep: close a keep-alive connection idle too long (or any idle one when draining)."""
+        """The sweep: close a keep-alive connection idle too long (or any idle one when draining);
+        end a request whose body stopped coming (no timer per request: `last` is the last read)."""
         if self.tunnel is not None:
-            if now - self.last >= self.idle_timeout:
+            if now - self.last >= self.opts.idle_timeout:
                 self.tunnel.close()
-        elif self.req is None and not self.closing and self.head_timer is None and (
-                draining or now - self.last >= self.idle_timeout):
+        elif self.req is not None:
+            if not self.req_done and now - self.last >= self.opts.stream_idle_timeout:
+                self._flag(SI, "stream_idle_timeout")  # Envoy's: 408 before a response, else a reset
+                self._drop_upstream(report=True)  # mid-request: never back to the pool
+                if self.resp is None:
+                    self._local_reply(408, b"stream timeout", close=True)
+                else:
+                    self._abort_downstream()
+        elif not self.closing and self.head_timer is None and (
+                draining or now - self.last >= self.opts.idle_timeout):
             self._close()
 
     def _bad_request(self, err: HTTPError) -> None:
@@ -722,6 +732,15 @@ class HttpConnection:
             if md is not None:
                 self.md = True
                 self.peer_md = self.state.peers.get(md)
+        if req.upgrade is not None or req.method == b"CONNECT":
+            allowed = verdict(req.method, req.upgrade, self.opts.upgrade_types)  # upgrades.py
+            if allowed == STRIP:
+                req = self.req = stripped(req, self.parser)
+            elif allowed == REFUSE:
+                self.rare = True  # _account resumes the paused parser: the connection goes on
+                self.skey = self.state.key(self.reporter, "", None)
+                self._local_reply(403)
+                return
         authority = req.host or self.local_str.encode()
         if snap.authz.active and self.inbound_cluster is not None and not self._authorized(req, snap,
                                                                                            authority):
@@ -1168,6 +1187,9 @@ class HttpConnection:
                 self.resp_bytes += len(data)
                 out.append(data if self.resp_frame != _FRAME_CHUNK else b"%x\r\n%s\r\n" % (len(data), data))
             elif cls is Response:
+                if ev.status == 101 and self.req.upgrade is None and self.req.method != b"CONNECT":
+                    self._up_broken(RESET, "UPE", "upstream_protocol_error: unrequested 101", protocol=True)
+                    return False  # a switch nobody asked for (upgrades.py)
                 if ev.status >= 200 or ev.status == 101:  # 100 Continue was answered here; other 1xx dropped
                     head = self._response_head(ev)
                     if head is None:
@@ -1329,7 +1351,7 @@ class HttpConnection:
             if self.resp_frame == _FRAME_TUNNEL:
                 self._report(status=self.code)
                 if self.req_done and (self.req.upgrade is not None or self.req.method == b"CONNECT"):
-                    self.tunnel = _Tunnel(self, conn)
+                    self.tunnel = Tunnel(self, conn, READ_SIZE)
                 else:  # switched when nothing asked for it, or before the request ended
                     self.state.upstreams.close(conn)
                     self._abort_downstream()
@@ -1715,153 +1737,3 @@ class _Shadow:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-
-class _Tunnel:
-    """Bytes both ways after a 101 (or a CONNECT 2xx), under the same back-pressure rule: a way
-    holds at most one read while its destination is full."""
-
-    __slots__ = ("conn", "down", "owner", "up")
-
-    def __init__(self, owner: HttpConnection, conn: UpstreamConn) -> None:
-        self.owner = owner
-        self.conn = conn
-        reactor = owner.reactor
-        owner.parser.start_tunnel()
-        self.down = _Way(owner.d_read, conn.sock, conn.write)  # client -> upstream
-        self.up = _Way(conn.read, owner.sock, owner.d_write)  # upstream -> client
-        leftover_up = _drain(conn.parser)
-        leftover_down = _drain(owner.parser)
-        reactor.set_callback(owner.fd, self._on_down)
-        reactor.set_callback(conn.fd, self._on_up)
-        if leftover_up:
-            self.up.moved += len(leftover_up)
-            owner._send_down(leftover_up)  # behind the 101 head, which may still be pending
-        try:
-            if leftover_down:
-                self.down.send(leftover_down)
-        except OSError:
-            self.close()
-            return
-        # unread bytes may wait in either kernel buffer, and their edges have passed
-        self.down.readable = self.up.readable = True
-        self.pump()
-
-    def _on_down(self, mask: int) -> None:
-        owner = self.owner
-        try:
-            if mask & EPOLLOUT:
-                if owner.d_pending:
-                    owner._flush_down()  # resumes the tunnel when done
-                elif self.up.pending:
-                    self.up.flush()
-            if mask & _IN:
-                self.down.readable = True
-        except OSError:
-            self.close()
-            return
-        self.pump()
-
-    def _on_up(self, mask: int) -> None:
-        try:
-            if mask & EPOLLOUT and self.down.pending:
-                self.down.flush()
-            if mask & _IN:
-                self.up.readable = True
-        except OSError:
-            self.close()
-            return
-        self.pump()
-
-    def resume_up(self) -> None:
-        self.pump()
-
-    def pump(self) -> None:
-        owner = self.owner
-        if owner.tunnel is not self:
-            return
-        try:
-            if not owner.d_pending:
-                self.up.move(READ_SIZE)
-            self.down.move(READ_SIZE)
-        except OSError:
-            self.close()
-            return
-        owner.last = owner.reactor.now
-        if self.down.done and self.up.done:
-            self.close()
-
-    def close(self) -> None:
-        """Either side is done or broken: account the upgraded request and close both."""
-        owner = self.owner
-        if owner.tunnel is not self:
-            return
-        owner.req_bytes += self.down.moved
-        owner.resp_bytes += self.up.moved
-        owner.resp_done = True
-        owner._account()
-        owner._close()  # closes self.conn too
-
-
-class _Way:
-    """One direction of a tunnel: `read` the source, `write` to `dst` (plain or TLS, see tls.io_funcs)."""
-
-    __slots__ = ("done", "dst", "eof", "moved", "pending", "read", "readable", "write")
-
-    def __init__(self, read: Callable[[int], bytes], dst: Any, write: Callable[[Any], int]) -> None:
-        self.read = read
-        self.dst = dst
-        self.write = write
-        self.pending = b""
-        self.readable = self.eof = self.done = False
-        self.moved = 0
-
-    def send(self, data: bytes) -> None:
-        self.moved += len(data)
-        try:
-            n = self.write(data)
-        except BlockingIOError:
-            n = 0
-        self.pending = data[n:]
-
-    def flush(self) -> None:
-        try:
-            n = self.write(self.pending)
-        except BlockingIOError:
-            return
-        self.pending = self.pending[n:]
-        if not self.pending and self.eof:
-            self._finish()
-
-    def move(self, size: int) -> None:
-        while self.readable and not self.pending and not self.eof:
-            try:
-                data = self.read(size)
-            except BlockingIOError:
-                self.readable = False
-                return
-            if not data:
-                self.eof = True
-                self.readable = False
-                self._finish()
-                return
-            self.send(data)
-            if len(data) < size:
-                self.readable = False
-
-    def _finish(self) -> None:
-        """The source said FIN and all is written: pass the FIN on."""
-        if not self.pending and not self.done:
-            self.done = True
-            with contextlib.suppress(OSError):
-                self.dst.shutdown(socket.SHUT_WR)
-
-
-def _drain(parser: Any) -> bytes:
-    """What a parser switched to tunnel mode still buffers."""
-    out = []
-    while True:
-        ev = parser.next_event()
-        if ev.__class__ is not TunnelData:
-            return b"".join(out)
-        out.append(ev.data)
