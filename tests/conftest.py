@@ -28,7 +28,8 @@ logs.configure("INFO")
 
 def unavailable(reason: str) -> NoReturn:
     """What a test needs (root, a namespace, a kernel feature, a package) is missing: skipped on a
-    developer's machine, a failure in CI (CI=true), whose .ci/run installs all of it."""
+    developer's machine, a failure in CI (CI=true), where `make test` installs all of it first
+    (`make deps`)."""
     if os.environ.get("CI"):
         pytest.fail(f"CI must run this test, but {reason}", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
