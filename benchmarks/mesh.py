@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.proxy_l4 import Procs, Run, fmt, median, nginx_conf, parse_wrk  # noqa: E402
+from benchmarks.proxy_l4 import Procs, Run, ensure_tools, fmt, median, nginx_conf, parse_wrk  # noqa: E402
 
 A_IP, B_IP, B_OTHER = "10.78.0.1", "10.78.0.2", "10.78.0.3"
 SERVER_PORT, MESH_PORT, DIRECT_PORT = 8000, 8080, 8081
@@ -116,16 +116,6 @@ def run(*args: str, check: bool = True, timeout: float = 60, **kw: Any) -> subpr
     if check and done.returncode:
         raise RuntimeError(f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
     return done
-
-
-def ensure_tools() -> None:
-    missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
-    if missing:
-        log(f"installing {' '.join(missing)} with apt-get")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
 
 
 class Pods(Procs):

@@ -11,7 +11,7 @@ Per run: req/s, p50/p99 from `wrk --latency`, the proxy's CPU µs per request (p
 of its processes), its RSS, and ratios to direct and to HAProxy on the same body. Goals:
 zmesh >= 1.0x HAProxy req/s on the small body and >= 1.3x on the 1 MiB body.
 
-Installs wrk, haproxy and nginx with apt-get when missing. Everything runs on 127.0.0.1,
+Installs wrk, haproxy and nginx when missing (ops/deps.sh, as `make deps`). Everything runs on 127.0.0.1,
 every process it starts is stopped at the end. Progress goes to stderr; stdout gets the
 table and, as its very last line, one JSON object. `--quick` finishes in under a minute.
 """
@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_BODY = b"hello from nginx!!\n"  # 19 bytes
 BIG_SIZE = 1 << 20
 GOAL = {"small_vs_haproxy": 1.0, "big_vs_haproxy": 1.3}
-TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx"}
 
 
 def log(msg: str) -> None:
@@ -47,14 +46,8 @@ def log(msg: str) -> None:
 
 
 def ensure_tools() -> None:
-    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
-    if not missing:
-        return
-    log(f"installing {' '.join(missing)} with apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    """wrk, haproxy and nginx, among the rest: `make deps` (ops/deps.sh) installs what is missing."""
+    subprocess.run([str(ROOT / "ops" / "deps.sh")], check=True)
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import socket
@@ -28,7 +29,8 @@ logs.configure("INFO")
 
 def unavailable(reason: str) -> NoReturn:
     """What a test needs (root, a namespace, a kernel feature, a package) is missing: skipped on a
-    developer's machine, a failure in CI (CI=true), whose .ci/run installs all of it."""
+    developer's machine, a failure in CI (CI=true), where `make test` installs all of it first
+    (`make deps`)."""
     if os.environ.get("CI"):
         pytest.fail(f"CI must run this test, but {reason}", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
@@ -44,11 +46,58 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float 
     return bool(cond())
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
+# Ports for servers the tests start, below the kernel's ephemeral range; see free_port.
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+FIXED_WINDOW = 8192
+_cursor: tuple[int, Iterator[int]] | None = None  # (pid, this process's walk through the window)
+
+
+def _bindable(port: int, reuse: bool) -> bool:
+    """Whether a bind to `port` on every address succeeds now (`reuse`: as a server's would, past
+    TIME_WAIT leftovers; without it, any socket on the port counts)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        if reuse:  # what zmq, etcd and http.server set on their listeners
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A port nobody is bound to, from just below net.ipv4.ip_local_port_range.
+
+    A server a test restarts binds the same port again, and a port from the ephemeral range may be
+    taken in between by any outgoing connection's source port (a client reconnecting to that very
+    port can even connect to itself). Below the range the kernel never picks ports, so only an
+    explicit bind can take one. Each process walks the window from its own pid-derived offset, so
+    parallel test runs on one machine rarely try the same port, and a port found bound is skipped.
+    """
+    global _cursor
+    low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    window = range(max(1024, low - FIXED_WINDOW), low)
+    if not window:  # the ephemeral range starts at 1024: nothing below it to use
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    if _cursor is None or _cursor[0] != os.getpid():  # a forked child starts its own walk
+        _cursor = (os.getpid(), itertools.count(os.getpid() * 2654435761))
+    for _ in range(len(window)):
+        port = window[next(_cursor[1]) % len(window)]
+        if _bindable(port, reuse=False):
+            return port
+    raise RuntimeError(f"no free port in {window}")
+
+
+def wait_released(*endpoints: str | int, timeout: float = 10.0) -> None:
+    """Wait until no listener holds these ports (ints or "tcp://host:port"), so a server restarted in
+    this process can bind them again. Loop.stop() returning is not enough: libzmq closes a socket's
+    listening fd in its own I/O thread some time after close() (linger 0 only drops queued
+    messages), and until then a new bind fails with "Address already in use"."""
+    ports = [e if isinstance(e, int) else int(e.rsplit(":", 1)[1]) for e in endpoints]
+    assert wait_for(lambda: all(_bindable(p, reuse=True) for p in ports), timeout), \
+        f"ports {ports} still bound after {timeout}s"
 
 
 def metric(name: str, **labels: str) -> float:

@@ -195,9 +195,9 @@ class Agent:
     def ready(self) -> str | None:
         """None when the sidecar can take traffic, else why not (the 503 body): the proxy has a
         config, the certificates are valid, the decider (if any) runs, and every extra check."""
-        if (reason := self._proxy_ready(self.ports[0])) is not None:
-            return reason
         if self.opts.certs is not None and (reason := cert_problem(self.opts.certs)) is not None:
+            return reason  # first: it says which file is wrong, the proxy only NO CERTIFICATES
+        if (reason := self._proxy_ready(self.ports[0])) is not None:
             return reason
         if self.decider is not None and not self.decider.running:
             return "the NFQUEUE decider is not running"

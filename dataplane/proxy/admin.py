@@ -5,7 +5,8 @@
     GET  /clusters           endpoints per cluster per worker: health, ejection, counters
     GET  /stats              proxy stats, Envoy's `name: value` text (all workers summed)
     GET  /stats/prometheus   Istio's metrics (also /metrics, and the whole of port 15090)
-    GET  /ready              200 once a config is applied and the proxy is not draining
+    GET  /ready              200 once a config is applied, every worker holds the workload
+                             certificates (with --certs) and the proxy is not draining
     POST /drain              stop accepting; keep-alive connections are closed as they idle
     GET  /logging            the log level; POST /logging?level=debug changes it
 
@@ -42,6 +43,19 @@ class AdminState:
 
     def metrics(self) -> str:
         return merge(r["snapshot"] for r in self.ask_workers({"op": "stats"}))
+
+    def not_ready(self) -> str | None:
+        """Why the proxy cannot take traffic yet, or None. As Envoy's listeners wait for their SDS
+        secrets, a proxy given --certs is not ready before every worker loaded them: until then its
+        ISTIO_MUTUAL clusters would send plain text, and keep-alive connections opened that way
+        would carry on after a STRICT PeerAuthentication arrives."""
+        if self.draining:
+            return "DRAINING"
+        if not self.version:
+            return "NO CONFIG"
+        if not all(r.get("loaded") for r in self.ask_workers({"op": "certs"})):
+            return "NO CERTIFICATES"
+        return None
 
 
 def _handler(state: AdminState, admin: bool) -> type[BaseHTTPRequestHandler]:
@@ -85,9 +99,8 @@ def _handler(state: AdminState, admin: bool) -> type[BaseHTTPRequestHandler]:
                 elif url.path == "/stats":
                     self._send(200, merge_admin(r["snapshot"] for r in state.ask_workers({"op": "stats"})))
                 elif url.path == "/ready":
-                    ready = bool(state.version) and not state.draining
-                    self._send(200 if ready else 503, "LIVE\n" if ready else
-                               ("DRAINING\n" if state.draining else "NO CONFIG\n"))
+                    reason = state.not_ready()
+                    self._send(503 if reason else 200, f"{reason or 'LIVE'}\n")
                 elif url.path == "/logging":
                     self._send(200, f"level: {logging.getLevelName(logging.getLogger('zmesh').level)}\n")
                 else:

@@ -124,12 +124,20 @@ class Worker:
         for cluster in self.runtime.snapshot.clusters.values():
             cluster.tick(now_ms)
         self.runtime.access_log.tick(self.reactor.now)
+        self._load_certs()
+        self.reactor.call_later(TICK, self._tick)
+
+    def _load_certs(self) -> bool:
+        """Take the node agent's newest certificates if it wrote new ones; whether this worker can
+        speak mutual TLS (True without --certs: it has nothing to wait for)."""
         certs = self.certs
-        if certs is not None and certs.maybe_reload():
+        if certs is None:
+            return True
+        if certs.maybe_reload():
             stats = self.runtime.stats
             if stats.local.principal != certs.principal:
                 stats.local = dataclasses.replace(stats.local, principal=certs.principal)
-        self.reactor.call_later(TICK, self._tick)
+        return certs.client is not None
 
     # control -------------------------------------------------------------------------------
     def _on_ctrl(self, _mask: int) -> None:
@@ -168,6 +176,8 @@ class Worker:
             elif not self.listeners and not self.runtime.draining:
                 self._listen_transparent()
             return {"op": "applied", "version": version}
+        if op == "certs":  # asked by /ready: load what is on disk now, not at the next tick
+            return {"op": "certs", "loaded": self._load_certs()}
         if op == "stats":
             return {"op": "stats", "snapshot": self.runtime.stats.snapshot()}
         if op == "clusters":

@@ -18,17 +18,19 @@ from dataplane.agent.agent import proxy_takes_certs
 from dataplane.agent.certs import cert_problem
 from tests.agent.test_agent import _cleanup, meshctl, status
 from tests.conftest import free_port, wait_for
-from tests.proxy.test_sidecar import http_get, tcp_config
+from tests.proxy.test_sidecar import http_get, tcp_config, try_get
 
 DAY = datetime.timedelta(days=1)
+SPIFFE_ID = "spiffe://cluster.local/ns/default/sa/pod"
 
 
 def pem_cert(key: ec.EllipticCurvePrivateKey, not_before: datetime.datetime,
              not_after: datetime.datetime) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "zmesh test")])
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(SPIFFE_ID)])  # the proxy needs it
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(not_before)
-            .not_valid_after(not_after).sign(key, hashes.SHA256()))
+            .not_valid_after(not_after).add_extension(san, critical=False).sign(key, hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -43,7 +45,7 @@ def write_certs(directory: Path, *, expired: bool = False) -> None:
                                                           serialization.NoEncryption()))
     (directory / "cert-chain.pem").write_bytes(leaf)
     (directory / "root-cert.pem").write_bytes(pem_cert(key, now - DAY, now + 10 * DAY))
-    (directory / "version").write_text("1")
+    (directory / "version").write_text(str(time.time_ns()))  # a new set, a new version
 
 
 def test_cert_problem_names_what_is_wrong(tmp_path: Path) -> None:
@@ -79,7 +81,8 @@ def test_the_agent_is_ready_only_with_valid_certificates(tmp_path: Path) -> None
     ready_url = f"http://127.0.0.1:{health}/healthz/ready"
     try:
         # the proxy has its config, the certificates are not there yet
-        assert wait_for(lambda: status(f"http://127.0.0.1:{admin}/ready") == 200, 15), log_path.read_text()
+        proxy_ready = f"http://127.0.0.1:{admin}/ready"
+        assert wait_for(lambda: try_get(proxy_ready) == (503, "NO CERTIFICATES\n"), 15), log_path.read_text()
         code, body = http_get(ready_url)
         assert code == 503 and "certificates not ready" in body and "key.pem" in body, body
         write_certs(certs, expired=True)

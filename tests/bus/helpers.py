@@ -12,6 +12,7 @@ from bus.keys import Keyring
 from bus.loop import Loop
 from bus.pubsub import Publisher, Subscriber
 from bus.signing import Signer, Verifier
+from tests.conftest import free_port
 
 FAST = {"hb_interval": 0.2}
 FAST_SUB = {"silence_timeout": 1.0, "snapshot_timeout": 0.5}
@@ -58,3 +59,8 @@ def raw_client(kind: int, keydir: Path, name: str, endpoint: str, server: str = 
     sock.curve_serverkey = ring.curve_public(server)
     sock.connect(endpoint)
     return sock
+
+
+def fixed_endpoints() -> dict[str, str]:
+    """Publisher endpoints for a publisher that a test restarts on the same ports (see free_port)."""
+    return {"pub_endpoint": f"tcp://127.0.0.1:{free_port()}", "snapshot_endpoint": f"tcp://127.0.0.1:{free_port()}"}

@@ -6,8 +6,8 @@ import threading
 import time
 
 from bus import envelope as E
-from tests.bus.helpers import publisher, subscriber
-from tests.conftest import metric, wait_for
+from tests.bus.helpers import fixed_endpoints, publisher, subscriber
+from tests.conftest import metric, wait_for, wait_released
 
 
 def test_snapshot_then_updates_then_deletes(keydir, loops) -> None:
@@ -123,15 +123,16 @@ def test_a_subscriber_past_its_high_water_mark_recovers_without_blocking_anyone(
 
 def test_silence_keeps_the_last_state_and_resyncs_with_a_new_publisher(keydir, loops) -> None:
     pub_loop = loops("pub")
-    pub = publisher(pub_loop, keydir)
+    endpoints = fixed_endpoints()
+    pub = publisher(pub_loop, keydir, **endpoints)
     pub.set("cfg/a", 1)
     pub.set("cfg/gone", 1)
     sub = subscriber(loops("sub"), keydir, pub)
     assert sub.wait_ready(5)
-    endpoints = {"pub_endpoint": pub.pub_endpoint, "snapshot_endpoint": pub.snapshot_endpoint}
     pub_loop.stop()  # the publisher vanishes
     assert wait_for(lambda: metric("zmesh_bus_resnapshots_total", cause="silence") >= 1, timeout=5)
     assert sub.items() == {"cfg/a": 1, "cfg/gone": 1}  # still served
+    wait_released(*endpoints.values())
     new = publisher(loops("pub2"), keydir, **endpoints)
     new.set("cfg/a", 2)
     assert wait_for(lambda: sub.items() == {"cfg/a": 2}, timeout=10)

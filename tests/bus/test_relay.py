@@ -8,8 +8,8 @@ from bus import envelope as E
 from bus.keys import Keyring
 from bus.relay import Relay
 from bus.signing import Verifier
-from tests.bus.helpers import publisher, subscriber
-from tests.conftest import metric, wait_for
+from tests.bus.helpers import fixed_endpoints, publisher, subscriber
+from tests.conftest import metric, wait_for, wait_released
 
 
 def make_relay(loop, keydir, pub, tmp_path, prefix="cfg/") -> Relay:
@@ -71,14 +71,15 @@ def test_a_relay_cannot_forge_config(keydir, loops, tmp_path) -> None:
 
 def test_a_relay_follows_an_upstream_restart(keydir, loops, tmp_path) -> None:
     pub_loop = loops("pub")
-    pub = publisher(pub_loop, keydir)
+    endpoints = fixed_endpoints()
+    pub = publisher(pub_loop, keydir, **endpoints)
     pub.set("cfg/a", 1)
     pub.set("cfg/old", 1)
     relay = make_relay(loops("relay"), keydir, pub, tmp_path)
     client = local(loops("client"), keydir, relay, "cfg/")
     assert client.wait_ready(10)
-    endpoints = {"pub_endpoint": pub.pub_endpoint, "snapshot_endpoint": pub.snapshot_endpoint}
     pub_loop.stop()
+    wait_released(*endpoints.values())
     new = publisher(loops("pub2"), keydir, **endpoints)
     new.set("cfg/a", 2)
     assert wait_for(lambda: client.items() == {"cfg/a": 2}, timeout=10), client.items()

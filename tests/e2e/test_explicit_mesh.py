@@ -117,6 +117,10 @@ def test_a_virtual_service_routes_jason_to_reviews_v2(lmesh: LoopbackMesh) -> No
 
 def test_strict_mtls_between_sidecars_and_plaintext_refused(lmesh: LoopbackMesh) -> None:
     page_ip = lmesh.pod("productpage").ip
+    # Up means every sidecar's /ready said yes, which includes its workers holding the certificates:
+    # productpage's calls to details are mutual TLS from the first one. (Before, a worker could pick
+    # them up a tick after the agent said ready; its plain-text keep-alive connection to details then
+    # outlived STRICT and carried the call below, so no mutual_tls request was ever counted.)
     assert lmesh.http(None, page_ip, 9080, "/productpage")[0] == 200  # PERMISSIVE: plain text is taken
     lmesh.apply("peer-authentication-strict.yaml", STRICT)
     try:

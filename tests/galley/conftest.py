@@ -57,7 +57,7 @@ class Etcd:
 
 @pytest.fixture
 def etcd(tmp_path) -> Iterator[Etcd]:
-    assert shutil.which("etcd"), "etcd-server is not installed (.ci/run installs it)"
+    assert shutil.which("etcd"), "etcd-server is not installed (`make deps` installs it)"
     server = Etcd(tmp_path / "etcd")
     server.start()
     yield server

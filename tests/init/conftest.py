@@ -56,7 +56,7 @@ def missing() -> str | None:
         return "needs root for network namespaces and iptables"
     for tool in ("ip", "iptables-restore", "iptables-save", "setpriv"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (.ci/run installs iproute2, iptables, util-linux)"
+            return f"{tool} is not installed (`make deps` installs iproute2, iptables, util-linux)"
     return None
 
 

@@ -27,7 +27,7 @@ from controlplane.pilot.xds.server import Pilot, subscribe_galley
 from nodeagent.agent import NodeAgent, Upstream
 from nodeagent.certs import split_pem
 from tests.bus.helpers import FAST_SUB, publisher
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_released
 
 TTL = 4
 
@@ -126,6 +126,7 @@ class ControlPlane:
         assert self.citadel_loop is not None
         self.citadel_loop.stop()
         self.citadel_loop = None
+        wait_released(*self.citadel_ports.values())  # start_citadel binds them again
 
     @property
     def pilot_upstream(self) -> Upstream:

@@ -16,8 +16,8 @@ from controlplane.config.validate import load_paths, load_text
 from controlplane.debounce import Debouncer
 from controlplane.pilot.xds.server import Pilot, serve_rpc, subscribe_galley
 from controlplane.pilot.xds.status import NACKED, NOT_SENT, SYNCED
-from tests.bus.helpers import publisher
-from tests.conftest import wait_for
+from tests.bus.helpers import fixed_endpoints, publisher
+from tests.conftest import free_port, wait_for, wait_released
 from tests.pilot.simproxy import SimProxy
 
 REVIEWS_80_20 = "virtual-service-reviews-80-20.yaml"
@@ -27,7 +27,7 @@ class Mesh:
     """A fake galley (a real publisher of galley/ keys), a pilot, and helpers to add proxies."""
 
     def __init__(self, keydir: Path, loops, debounce: float = 0.02, lease: float = 15.0,
-                 endpoints: dict | None = None) -> None:
+                 endpoints: dict | None = None, rpc_endpoint: str = "tcp://127.0.0.1:*") -> None:
         self.keydir = keydir
         self.galley = publisher(loops("galley"), keydir, name="galley")
         self.loop: Loop = loops("pilot")
@@ -40,7 +40,7 @@ class Mesh:
             self.loop, self.pilot, pub_endpoint=self.galley.pub_endpoint,
             snapshot_endpoint=self.galley.snapshot_endpoint, keyring=ring, server="galley",
             verifier=Verifier(ring.trusted_signers), silence_timeout=2.0))
-        self.rpc = self.loop.call_sync(lambda: serve_rpc(self.loop, self.pilot, "tcp://127.0.0.1:*", ring))
+        self.rpc = self.loop.call_sync(lambda: serve_rpc(self.loop, self.pilot, rpc_endpoint, ring))
         self.proxies: list[SimProxy] = []
         self.proxy_loop = loops("proxies")
 
@@ -145,7 +145,9 @@ def test_not_sent_until_the_first_push_and_lease_expiry_removes_workloads(keydir
 
 def test_a_pilot_restart_gives_reconnecting_proxies_the_same_version_without_a_storm(
         keydir, loops, istio_testdata) -> None:
-    first = Mesh(keydir, loops)
+    ports = fixed_endpoints()
+    rpc_endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = Mesh(keydir, loops, endpoints=ports, rpc_endpoint=rpc_endpoint)
     config = load_paths([istio_testdata / "bookinfo" / "bookinfo.yaml",
                          istio_testdata / "bookinfo" / "destination-rule-all.yaml"]).resources
     first.apply(config)
@@ -154,9 +156,8 @@ def test_a_pilot_restart_gives_reconnecting_proxies_the_same_version_without_a_s
     assert wait_for(lambda: all(p.applied for p in proxies), timeout=10)
     version = proxies[0].applied
     applies = [p.applies for p in proxies]
-    ports = {"pub_endpoint": first.pub.pub_endpoint, "snapshot_endpoint": first.pub.snapshot_endpoint}
-    rpc_endpoint = first.rpc.endpoint
     first.loop.stop()  # pilot dies with everything it knew
+    wait_released(*ports.values(), rpc_endpoint)
 
     # a new pilot on the same ports, reading the same galley
     loop = loops("pilot2")

@@ -15,7 +15,6 @@ with the original destination it read through SO_ORIGINAL_DST, which is what the
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
@@ -56,22 +55,12 @@ def run(*args: str, check: bool = True, timeout: float = 30) -> subprocess.Compl
 
 
 def have_iptables() -> str | None:
-    """None when iptables is usable, else why not (installs it with apt-get when missing)."""
+    """None when iptables is usable, else why not."""
     if os.geteuid() != 0:
         return "needs root for network namespaces and iptables"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) is not installed"
-    if shutil.which("iptables") is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(["apt-get", "install", "-y", "-q", "iptables"], env=env, capture_output=True,
-                           timeout=300)
-            if shutil.which("iptables") is None:
-                subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
-                subprocess.run(["apt-get", "install", "-y", "-q", "iptables"], env=env,
-                               capture_output=True, timeout=300)
-        if shutil.which("iptables") is None:
-            return "iptables is missing and apt-get could not install it"
+    for tool, package in (("ip", "iproute2"), ("iptables", "iptables")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (`make deps` installs {package})"
     return None
 
 

@@ -39,6 +39,7 @@ from tests.conftest import ROOT, free_port, wait_for
 from tests.proxy.backends import Backend as TcpBackend
 from tests.proxy.backends import echo, run_on
 from tests.proxy.l7helpers import Backend, Client, reply, request_bytes
+from tests.proxy.test_sidecar import Proxy, tcp_config, try_get
 
 TD = "cluster.local"
 CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
@@ -618,3 +619,22 @@ def _scrape(port: int) -> str:
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
+
+
+def test_a_sidecar_is_not_ready_before_its_workers_hold_the_certificates(tmp_path: Path, ca: Ca) -> None:
+    """As Envoy's listeners wait for their SDS secrets: with --certs, /ready answers NO CERTIFICATES
+    until the node agent wrote them and every worker loaded them, so a proxy that said ready never
+    opens plain-text connections to ISTIO_MUTUAL clusters."""
+    certs = tmp_path / "certs" / "client-1"
+    certs.mkdir(parents=True)
+    proxy = Proxy(tmp_path, tcp_config("v1", free_port(), free_port()), "--certs", str(certs))
+
+    def ready() -> tuple[int, str] | None:
+        return try_get(f"http://127.0.0.1:{proxy.admin}/ready")
+
+    try:
+        assert wait_for(lambda: ready() == (503, "NO CERTIFICATES\n"), timeout=15), ready()
+        ca.issue(certs, CLIENT_ID)
+        assert wait_for(lambda: ready() == (200, "LIVE\n"), timeout=10), ready()
+    finally:
+        proxy.stop()

@@ -67,6 +67,14 @@ def http_get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def try_get(url: str) -> tuple[int, str] | None:
+    """http_get, or None while nothing answers there yet."""
+    try:
+        return http_get(url)
+    except OSError:
+        return None
+
+
 class Proxy:
     def __init__(self, tmp: Path, config: dict[str, Any], *extra: str, workers: int = 2) -> None:
         self.path = tmp / "proxy.json"
