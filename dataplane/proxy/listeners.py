@@ -10,7 +10,8 @@ Per connection, the Snapshot in force decides:
   the HTTP engine with the port's route config, TCP ones to the first matching tcp_route's
   weighted clusters; UNKNOWN ports are sniffed: the first bytes, peeked (not consumed)
   within SNIFF_TIMEOUT, decide HTTP or TCP, as Istio's protocol detection does. No listener:
-  PassthroughCluster under ALLOW_ANY, refused under REGISTRY_ONLY.
+  PassthroughCluster under ALLOW_ANY, refused under REGISTRY_ONLY. A destination that is one of
+  the proxy's own listeners (a client dialling 15001 itself) is closed instead (blackhole.py).
 - inbound: the workload port's listener (HTTP to the engine; TCP to the app on localhost),
   or a passthrough to the original destination for ports no service declares.
 HTTP/2 and gRPC ports are carried at L4 (this proxy speaks HTTP/1.1).
