@@ -51,6 +51,9 @@ def _labels(text: str) -> dict[str, str]:
 @click.option("--admin-port", type=int, default=15000, show_default=True)
 @click.option("--stats-port", type=int, default=15090, show_default=True)
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
+@click.option("--max-connections", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Downstream connections each worker holds at most (Envoy's global_downstream_max_"
+                   "connections); past it new ones are closed at once. 0: a third of the open-file limit.")
 @click.option("--certs", "certs_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The workload's certificate directory (the node agent's <run-dir>/certs/<id>): "
                    "Istio mutual TLS, reloaded when its version file changes.")
@@ -59,7 +62,7 @@ def proxy_command(node_id: str, namespace: str, labels: str, service_account: st
                   port_base: int | None, relay: str | None, register: bool, mode: str, explicit_host: str,
                   inbound_host: str | None, app_host: str, workers: int,
                   outbound_port: int, inbound_port: int, admin_port: int, stats_port: int,
-                  access_log: bool, certs_dir: Path | None) -> None:
+                  access_log: bool, max_connections: int, certs_dir: Path | None) -> None:
     """Run the sidecar proxy."""
     from dataplane.proxy.main import BusOptions, Sidecar
     from dataplane.proxy.stats import Workload
@@ -77,7 +80,7 @@ def proxy_command(node_id: str, namespace: str, labels: str, service_account: st
                                                          label_map.get("version", "latest")))
     opts = WorkerOptions(node_id=node_id, workload=workload, mode=mode, outbound_port=outbound_port,
                          inbound_port=inbound_port, access_log=access_log, explicit_host=explicit_host,
-                         inbound_host=inbound_host, app_host=app_host,
+                         inbound_host=inbound_host, app_host=app_host, max_connections=max_connections,
                          certs=str(certs_dir) if certs_dir is not None else None)
     bus = None
     if key_dir is not None:

@@ -10,7 +10,8 @@ Per connection, the Snapshot in force decides:
   the HTTP engine with the port's route config, TCP ones to the first matching tcp_route's
   weighted clusters; UNKNOWN ports are sniffed: the first bytes, peeked (not consumed)
   within SNIFF_TIMEOUT, decide HTTP or TCP, as Istio's protocol detection does. No listener:
-  PassthroughCluster under ALLOW_ANY, refused under REGISTRY_ONLY.
+  PassthroughCluster under ALLOW_ANY, refused under REGISTRY_ONLY. A destination that is one of
+  the proxy's own listeners (a client dialling 15001 itself) is closed instead (blackhole.py).
 - inbound: the workload port's listener (HTTP to the engine; TCP to the app on localhost),
   or a passthrough to the original destination for ports no service declares.
 HTTP/2 and gRPC ports are carried at L4 (this proxy speaks HTTP/1.1).
@@ -34,13 +35,14 @@ from collections.abc import Callable
 from typing import Any
 
 from bus.logs import Log
+from dataplane.proxy import blackhole, sockets, tls
 from dataplane.proxy import flags as F
-from dataplane.proxy import sockets, tls
 from dataplane.proxy.acceptor import Acceptor
+from dataplane.proxy.blackhole import BLACKHOLE
 from dataplane.proxy.cluster import CONNECT_FAILURE
 from dataplane.proxy.http.options import http_options
 from dataplane.proxy.reactor import EPOLLIN, EPOLLRDHUP
-from dataplane.proxy.runtime import BLACKHOLE, PASSTHROUGH, Runtime
+from dataplane.proxy.runtime import PASSTHROUGH, Runtime
 from dataplane.proxy.stats import DESTINATION, SOURCE, TCP, Workload
 from dataplane.proxy.tcp import Forwarder
 
@@ -96,7 +98,9 @@ class SidecarListener:
         self.reporter = SOURCE if direction == "outbound" else DESTINATION
         self.connections: set[Forwarder] = set()
         self._keys: dict[Any, Any] = {}
-        self.acceptor = Acceptor(runtime.reactor, sock, self._serve)
+        # explicit mode: the address the client dialled is this listener's (where a passthrough goes)
+        self.explicit_ip: str = sock.getsockname()[0]
+        self.acceptor = Acceptor(runtime.reactor, sock, self._serve, runtime.limit)
 
     def close(self) -> None:
         self.acceptor.close()
@@ -106,7 +110,7 @@ class SidecarListener:
 
     def _target(self, conn: socket.socket) -> Address:
         if self.explicit_port is not None:
-            return (_LOCALHOST, self.explicit_port)
+            return (self.explicit_ip, self.explicit_port)
         orig = sockets.original_dst(conn)
         return orig if orig is not None else conn.getsockname()[:2]
 
@@ -278,6 +282,10 @@ class SidecarListener:
                     return
                 address = (endpoint.address, endpoint.port)
                 upstream_tls = self._upstream_tls(cluster.spec.get("tls"), endpoint)
+        if self.runtime.own.owns(*address):  # it would come back here: Istio's BlackHoleCluster
+            blackhole.refused(self.runtime.stats, address, "tcp", cluster_name)
+            self._refuse(conn, peer, target, F.UH)
+            return
         if upstream_tls is not None and len(upstream_tls[1]) == 1:
             principal = next(iter(upstream_tls[1]))  # the one identity this connection can reach
         key = self._key(cluster_name, service, principal)

@@ -9,6 +9,7 @@ their last good config, and a deterministic compile means they all agree).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import signal
@@ -45,6 +46,7 @@ class Sidecar:
                  admin_port: int = 15000, stats_host: str = "0.0.0.0", stats_port: int = 15090) -> None:
         self.log = Log("proxy", proxy=opts.node_id)
         self.node_id = opts.node_id
+        opts = dataclasses.replace(opts, reserved=((admin_host, admin_port), (stats_host, stats_port)))
         self.workers = Workers(workers, opts)  # before any thread: fork copies only this one
         self.state = AdminState(self.workers.request, opts.node_id)
         self.servers = [serve(self.state, admin_host, admin_port, admin=True),

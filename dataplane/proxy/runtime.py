@@ -20,7 +20,9 @@ from typing import Any
 
 from dataplane.proxy.accesslog import AccessLog, NullAccessLog
 from dataplane.proxy.authz import ALLOW_ALL, Authz, PolicyError, compile_policies
+from dataplane.proxy.blackhole import OwnListeners
 from dataplane.proxy.cluster import Cluster, build_clusters
+from dataplane.proxy.connlimit import ConnectionLimit
 from dataplane.proxy.http import pathnorm
 from dataplane.proxy.http.options import http_options
 from dataplane.proxy.reactor import Reactor
@@ -28,7 +30,6 @@ from dataplane.proxy.routing import RouteConfig, build_route_configs
 from dataplane.proxy.stats import Stats
 
 PASSTHROUGH = "PassthroughCluster"
-BLACKHOLE = "BlackHoleCluster"
 
 
 class ConfigError(ValueError):
@@ -126,7 +127,8 @@ def _check_references(config: dict[str, Any], routes: dict[str, RouteConfig], cl
 
 @dataclass(eq=False)
 class Runtime:
-    """One worker's world: its reactor, the Snapshot in force, metrics and access log."""
+    """One worker's world: its reactor, the Snapshot in force, metrics and access log, its own
+    listening addresses (never connected to, blackhole.py) and its downstream connection bound."""
 
     reactor: Reactor
     stats: Stats
@@ -135,6 +137,8 @@ class Runtime:
     snapshot: Snapshot = EMPTY
     rng: random.Random = field(default_factory=random.Random)
     draining: bool = False
+    own: OwnListeners = field(default_factory=OwnListeners)
+    limit: ConnectionLimit | None = None
 
     def apply(self, config: dict[str, Any]) -> Snapshot:
         """Compile and swap in `config` (raises ConfigError, leaving the old one in force)."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from bus.logs import Log
 from dataplane.proxy import accesslog, sockets
+from dataplane.proxy.connlimit import ConnectionLimit, default_limit
 from dataplane.proxy.control import FrameError, FrameReader, frame
 from dataplane.proxy.listeners import INBOUND_PORT, OUTBOUND_PORT, SidecarListener
 from dataplane.proxy.reactor import EPOLLIN, Reactor
@@ -46,6 +47,8 @@ class WorkerOptions:
     access_log: bool = True
     mark: int = 0
     certs: str | None = None             # the workload's certificate directory: mutual TLS
+    max_connections: int = 0             # downstream connections per worker; 0: connlimit.default_limit()
+    reserved: tuple[tuple[str, int], ...] = ()  # the supervisor's admin and stats addresses (never upstreams)
 
 
 def _http_factory() -> Any:
@@ -71,9 +74,15 @@ class Worker:
             workload = dataclasses.replace(workload, principal=self.certs.principal)
         self.runtime = Runtime(self.reactor, Stats(workload), accesslog.create(opts.access_log),
                                opts.node_id)
+        self.runtime.limit = ConnectionLimit(opts.max_connections or default_limit(), self.runtime.stats)
+        for host, port in opts.reserved:
+            self.runtime.own.add(host, port)
         self.http = _http_factory()
-        _http_upstreams(self.runtime).certs = self.certs
+        upstreams = _http_upstreams(self.runtime)
+        upstreams.certs = self.certs
+        upstreams.own = self.runtime.own
         self.listeners: dict[Any, SidecarListener] = {}
+        self._own: dict[Any, tuple[str, int]] = {}  # listener key -> its address, when it is one of ours
         self._reader = FrameReader()
         ctrl.setblocking(False)
         self.reactor.register(ctrl.fileno(), EPOLLIN, self._on_ctrl)
@@ -94,6 +103,14 @@ class Worker:
         self.listeners[key] = SidecarListener(self.runtime, sock, direction, explicit_port=explicit_port,
                                               http_factory=self.http, mark=self.opts.mark, certs=self.certs,
                                               app_host=self.opts.app_host)
+        if key[0] != "in" or explicit_port is None:  # explicit inbound stands for the app (blackhole.py)
+            self._own[key] = sock.getsockname()[:2]
+            self.runtime.own.add(*self._own[key])
+
+    def _close(self, key: Any) -> None:
+        self.listeners.pop(key).close()
+        if key in self._own:
+            self.runtime.own.discard(*self._own.pop(key))
 
     def _listen_transparent(self) -> None:
         """15001 and 15006, once the first config is in force (as Envoy's listeners come with LDS):
@@ -111,7 +128,7 @@ class Worker:
         if len(snapshot.inbound) == 1:
             wanted.add(("in", next(iter(snapshot.inbound))))
         for key in set(self.listeners) - wanted:
-            self.listeners.pop(key).close()
+            self._close(key)
         for key in sorted(wanted - set(self.listeners)):
             if key[0] == "in":
                 host = self.opts.inbound_host or self.opts.explicit_host
@@ -185,9 +202,8 @@ class Worker:
                                                    self.runtime.snapshot.clusters.items()}}
         if op == "drain":
             self.runtime.draining = True
-            for listener in self.listeners.values():
-                listener.close()
-            self.listeners.clear()
+            for key in list(self.listeners):
+                self._close(key)
             return {"op": "draining"}
         return {"op": "error", "error": f"unknown op {op!r}"}
 

@@ -238,3 +238,19 @@ def test_a_file_galley_rejects_is_reported_and_changes_nothing(mesh: Mesh) -> No
         path.unlink(missing_ok=True)
     assert "vs-bad.yaml" in (mesh.logs / "galley.log").read_text()
     assert set(versions(mesh, "reviews", "/reviews/0", 45)) == {"v1", "v2", "v3"}  # no 80-20 in force
+
+
+def test_dialling_the_sidecars_own_ports_from_the_pod_is_blackholed_and_the_pod_keeps_working(
+        mesh: Mesh) -> None:
+    """Issue 12: `curl 127.0.0.1:15001` in the sleep pod (or its own address on 15001 or 15006) used to
+    make its sidecar connect to itself until it ran out of fds; now it is closed (BlackHoleCluster)."""
+    sleep = mesh.pod("sleep")
+    own = [("127.0.0.1", 15001), (sleep.ip, 15001), (sleep.ip, 15006)]
+    for host, port in own:
+        with pytest.raises(ConnectionResetError):  # http.client's RemoteDisconnected: closed, no answer
+            mesh.http(sleep, host, port, "/", {"Host": "unknown.example"})
+    status, page = get_json(mesh, "productpage", "/productpage")
+    assert status == 200 and page["service"] == "productpage", page
+    stats = scrape(mesh, "sleep", 15090, "/stats/prometheus")
+    blackholed = metric(stats, "envoy_cluster_upstream_cx_none_healthy", cluster_name="BlackHoleCluster")
+    assert blackholed >= len(own), stats

@@ -76,6 +76,7 @@ from typing import Any
 from bus.logs import Log
 from dataplane.proxy import peer_metadata, routing, sockets, tls
 from dataplane.proxy.authz import DENIED_BODY
+from dataplane.proxy.blackhole import BLACKHOLE, HTTP_BODY, HTTP_STATUS
 from dataplane.proxy.cluster import CONNECT_FAILURE, RESET, TIMEOUT, Cluster, Endpoint
 from dataplane.proxy.flags import RBAC, SI
 from dataplane.proxy.flags import join as join_flags
@@ -98,7 +99,7 @@ from dataplane.proxy.http.codec import (
 from dataplane.proxy.http.options import DEFAULT, HttpOptions
 from dataplane.proxy.http.tunnel import Tunnel
 from dataplane.proxy.http.upgrades import REFUSE, STRIP, stripped, verdict
-from dataplane.proxy.http.upstream import OVERFLOW, PENDING, EndpointPool, UpstreamConn, Upstreams
+from dataplane.proxy.http.upstream import BLACKHOLED, OVERFLOW, PENDING, EndpointPool, UpstreamConn, Upstreams
 from dataplane.proxy.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
 from dataplane.proxy.stats import DESTINATION, SOURCE, Key, Workload
 from dataplane.proxy.tcp import PIPE_SIZE, give_pipe, take_pipe
@@ -1005,6 +1006,12 @@ class HttpConnection:
             ups = self.state.upstreams
             pool = ups.pool(cluster, ep)
             conn = ups.acquire(pool, self)
+            if conn is BLACKHOLED:  # the endpoint is this proxy's own listener
+                self.skey = self.rt.stats.request_key(self.reporter, _UNKNOWN_PEER, service_host=BLACKHOLE,
+                                                      service_name=BLACKHOLE)
+                self._flag("UH")
+                self._local_reply(HTTP_STATUS, HTTP_BODY)
+                return
             if conn is OVERFLOW:
                 self._flag("UO")
                 self._local_reply(503, RESET_BEFORE_HEADERS + b"overflow")
@@ -1662,7 +1669,7 @@ class _Shadow:
         conn = ups.acquire(pool, self)
         if conn is PENDING:  # a mirror never waits for a connection
             ups.cancel(pool, self)
-        if conn is PENDING or conn is OVERFLOW:
+        if isinstance(conn, str):  # PENDING, OVERFLOW or BLACKHOLED
             self.ep = None
             return
         cluster.start(ep)

@@ -30,6 +30,9 @@ whose `tls_mode` is "istio") a new connection does the TLS handshake between the
 (else the endpoint's `service_account`). A failed handshake or a wrong identity is a connect failure
 (the owner's UF). The connection is reused for keep-alive as any other: one handshake, many requests.
 Owners read and write through `conn.read(n)` / `conn.write(data)`, which speak TLS when it is on.
+
+No connection is ever opened to one of the proxy's own listeners (blackhole.py): `acquire` answers
+BLACKHOLED instead, and the owner answers its client locally.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from collections import deque
 from typing import Any, Protocol
 
 from bus.logs import Log
-from dataplane.proxy import sockets, tls
+from dataplane.proxy import blackhole, sockets, tls
+from dataplane.proxy.blackhole import OwnListeners
 from dataplane.proxy.cluster import Cluster, ConnectionPool, Endpoint
 from dataplane.proxy.http.codec import ResponseParser
 from dataplane.proxy.reactor import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
@@ -53,6 +57,7 @@ DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's default upstream idle timeout, which Is
 SWEEP_INTERVAL = 1.0
 PENDING = "pending"  # acquire(): queued; the owner's upstream_ready() follows
 OVERFLOW = "overflow"  # acquire(): a circuit breaker is open (503, flag UO)
+BLACKHOLED = "blackholed"  # acquire(): the endpoint is one of the proxy's own listeners (blackhole.py)
 
 _log = Log("proxy.upstream")
 
@@ -171,6 +176,7 @@ class Upstreams:
         self.reactor = reactor
         self.stats = stats
         self.certs: tls.WorkloadCerts | None = None  # the worker sets it when the proxy has --certs
+        self.own: OwnListeners | None = None  # the worker's own listeners: never connected to
         self.pools: dict[Endpoint, EndpointPool] = {}
         self._sweeper: Timer | None = None
         self._warned_plain = False
@@ -199,12 +205,16 @@ class Upstreams:
         return pool
 
     def acquire(self, pool: EndpointPool, owner: Owner) -> UpstreamConn | str:
-        """An idle connection, else a new one (connecting), else PENDING or OVERFLOW."""
+        """An idle connection, else a new one (connecting), else PENDING or OVERFLOW; BLACKHOLED
+        when the endpoint is our own listener (counted and logged here)."""
         idle = pool.idle
         if idle:
             conn = idle.pop()
             conn.owner = owner
             return conn
+        if self.own is not None and self.own.owns(*pool.address):
+            blackhole.refused(self.stats, pool.address, "http", pool.cluster)
+            return BLACKHOLED
         limits = pool.limits
         if limits.connections.try_acquire():
             return self._connect(pool, owner)
