@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from bus.context import context
+from bus.context import context, socket
 from bus.logs import Log
 from bus.metrics import LOOP_ERRORS
 
@@ -110,9 +110,10 @@ class Loop:
         self._next_sweep = 0.0
 
     # -- sockets and registration --
-    def socket(self, kind: int) -> zmq.Socket:
-        """A socket of this loop's context whose uses the loop tracks (see the module doc)."""
-        sock = LoopSocket(self.ctx, kind)
+    def socket(self, kind: int, max_body: int) -> zmq.Socket:
+        """A socket of this loop's context whose uses the loop tracks (see the module doc), taking
+        envelope bodies up to `max_body` (bus.context.socket)."""
+        sock = socket(kind, max_body, self.ctx, LoopSocket)
         sock._loop = self
         return sock
 

@@ -20,7 +20,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bus import envelope as E
-from bus.context import context
+from bus.context import socket
 from bus.envelope import DecodeError
 from bus.keys import Keyring
 from bus.logs import Log
@@ -60,8 +60,7 @@ class RpcServer:
         self.log = Log("bus.rpc-server", name=name)
         self._reject = Rejects(self.log)
         self._replies: OrderedDict[tuple[bytes, bytes], list[bytes]] = OrderedDict()
-        self._sock = loop.socket(zmq.ROUTER)
-        self._sock.linger = 0
+        self._sock = loop.socket(zmq.ROUTER, E.DEFAULT_MAX_BODY)
         secure_server(self._sock, endpoint, keyring)
         self.endpoint = bind(self._sock, endpoint)
         self.monitor = Monitor(loop, self._sock, "rpc-server", "server", self.log)
@@ -84,7 +83,7 @@ class RpcServer:
                 peer = ""
             identity = frames[0].bytes
             try:
-                req = E.decode([f.bytes for f in frames[1:]])
+                req = E.decode([f.bytes for f in frames[1:]], E.DEFAULT_MAX_BODY)
                 if req.kind != E.REQUEST or not req.req_id:
                     raise DecodeError("bad_kind", f"{req.kind} on a request socket")
             except DecodeError as exc:
@@ -130,8 +129,7 @@ class RpcClient:
         self.retries = retries
         self.log = Log("bus.rpc-client", server=server)
         self._lock = threading.Lock()
-        self._sock = (ctx or context()).socket(zmq.DEALER)
-        self._sock.linger = 0
+        self._sock = socket(zmq.DEALER, E.MAX_REPLY_BODY, ctx)
         secure_client(self._sock, endpoint, keyring, server)
         self._events = open_monitor(
             self._sock, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -176,7 +174,7 @@ class RpcClient:
                     self._note_handshake_failure()
                     continue
                 try:
-                    reply = E.decode(self._sock.recv_multipart())
+                    reply = E.decode(self._sock.recv_multipart(), E.MAX_REPLY_BODY)
                 except DecodeError:
                     continue  # garbage cannot come from an authenticated server; ignore
                 if reply.req_id == req_id and reply.kind in (E.REPLY, E.ERROR):
@@ -217,8 +215,7 @@ class AsyncRpcClient:
         self.retries = retries
         self.log = Log("bus.rpc-client", server=server)
         self._pending: dict[bytes, _Pending] = {}
-        self._sock = loop.socket(zmq.DEALER)
-        self._sock.linger = 0
+        self._sock = loop.socket(zmq.DEALER, E.MAX_REPLY_BODY)
         # queue nothing for a server not connected yet: a request sent into a dead server's queue
         # would run when it comes back, after we gave up on it (a certificate signed for nothing)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -295,7 +292,7 @@ class AsyncRpcClient:
     def _on_readable(self) -> None:
         for frames in drain(self._sock, 512):
             try:
-                reply = E.decode(frames)
+                reply = E.decode(frames, E.MAX_REPLY_BODY)
             except DecodeError:
                 continue  # garbage cannot come from an authenticated server; ignore
             pending = self._pending.pop(reply.req_id or b"", None)
