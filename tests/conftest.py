@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import resource
 import socket
 import time
@@ -49,6 +51,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_base(span: int = 60, attempts: int = 50) -> int:
+    """A control-plane port base (bus.endpoints) whose `span` ports nobody listens on right now,
+    below Linux's ephemeral range so that no outgoing connection takes one meanwhile."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(10000, 32000 - span, 10)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + span):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no free run of {span} ports found")
 
 
 def metric(name: str, **labels: str) -> float:
