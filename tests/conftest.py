@@ -6,7 +6,9 @@ import contextlib
 import os
 import random
 import resource
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,6 +70,17 @@ def free_port_base(span: int = 60, attempts: int = 50) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no free run of {span} ports found")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    """SIGTERM `proc` (SIGKILL if it does not exit within `timeout`); returns its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=timeout)
+    return err or ""
 
 
 def metric(name: str, **labels: str) -> float:

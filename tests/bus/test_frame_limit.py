@@ -4,7 +4,6 @@ drops the peer before allocating the frame, and pilot keeps serving everyone els
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -18,7 +17,7 @@ from bus.context import socket
 from bus.keys import Keyring
 from bus.rpc import RpcClient
 from tests.bus.helpers import raw_client
-from tests.conftest import ROOT, free_port_base, wait_for
+from tests.conftest import ROOT, free_port_base, stop, wait_for
 
 FRAME = 96 * 1024 * 1024
 
@@ -76,10 +75,4 @@ def test_an_oversized_frame_drops_its_sender_before_pilot_allocates_it(keydir) -
         if attacker is not None:
             attacker.close(0)
         legit.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate(timeout=10)
-        print(err)
+        print(stop(proc))  # shown if the test fails
