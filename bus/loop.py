@@ -217,6 +217,8 @@ class Loop:
         elif self._running:
             self._halt()
             return
+        elif self._thread is None and not self._closed:
+            self._run_closers()  # never started: its components' sockets close here
         if not self._closed:
             self._closed = True
             os.close(self._wake_r)
@@ -237,12 +239,15 @@ class Loop:
                     self.log.error("socket operation failed", exc_info=True)
                     time.sleep(0.01)
         finally:
-            for closer in reversed(self._closers):
-                try:
-                    closer()
-                except Exception:
-                    self.log.error("close failed", exc_info=True)
-            self._closers.clear()
+            self._run_closers()
+
+    def _run_closers(self) -> None:
+        for closer in reversed(self._closers):
+            try:
+                closer()
+            except Exception:
+                self.log.error("close failed", exc_info=True)
+        self._closers.clear()
 
     def _timeout(self) -> float:
         if self._calls or self._touched:

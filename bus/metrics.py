@@ -22,6 +22,8 @@ PEER_DISCONNECTS = Counter("zmesh_bus_peer_disconnects_total",
 REPORTS_DROPPED = Counter("zmesh_bus_reports_dropped_total",
                           "Reports dropped because the send queue was full")
 RPC_RETRIES = Counter("zmesh_bus_rpc_retries_total", "Request retries after a timeout")
+RPC_REFUSED = Counter("zmesh_bus_rpc_refused_total",
+                      "Requests a server refused to the caller (e.g. not_owner)", ["method", "reason"])
 RPC_FAILURES = Counter("zmesh_bus_rpc_failures_total", "Requests that failed", ["reason"])
 LOOP_ERRORS = Counter("zmesh_bus_loop_handler_errors_total",
                       "Loop callbacks that raised (logged; the loop kept going)")
