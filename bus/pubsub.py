@@ -135,6 +135,12 @@ class Publisher:
 
     def _publish_local(self, env: Envelope) -> None:
         assert self.signer is not None, "a mirror publisher only forwards"
+        if len(env.body) > E.DEFAULT_MAX_BODY:
+            # no subscriber's socket would take it (libzmq drops the connection, and the snapshot
+            # that carries it, over and over): refuse it here, where the cause is
+            self._reject("body_too_large", f"{env.topic}: {len(env.body)} bytes > {E.DEFAULT_MAX_BODY}",
+                         where="publish")
+            return
         self.store.stamp(env)
         self.signer.sign(env)
         self._send(env)

@@ -111,3 +111,16 @@ def test_an_oversized_body_is_rejected_by_the_subscriber(keydir, loops) -> None:
     assert wait_for(lambda: sub.get("cfg/small") == 2, timeout=5)
     assert wait_for(lambda: metric("zmesh_bus_messages_rejected_total", reason="body_too_large") > before)
     assert sub.get("cfg/big") is None
+
+
+def test_a_value_over_the_bus_limit_is_refused_by_its_publisher(keydir, loops) -> None:
+    """No subscriber's socket would take it, so it never goes out: the rest still does."""
+    pub = publisher(loops("pub"), keydir)
+    sub = subscriber(loops("sub"), keydir, pub)
+    assert sub.wait_ready(5)
+    before = metric("zmesh_bus_messages_rejected_total", reason="body_too_large")
+    pub.set("cfg/huge", b"x" * (E.DEFAULT_MAX_BODY + 1))
+    pub.set("cfg/after", 1)
+    assert wait_for(lambda: sub.get("cfg/after") == 1)
+    assert metric("zmesh_bus_messages_rejected_total", reason="body_too_large") == before + 1
+    assert sub.get("cfg/huge") is None and sub.resyncs == 0
