@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import itertools
 
 
 class Ending(enum.Enum):
@@ -30,10 +31,19 @@ class Ending(enum.Enum):
 
 
 class PeerLedger:
+    """O(1) per event, except a pending connection's end (O(unattributed successes)).
+
+    Connections open in order of the success count at their opening (`_pending` keeps that order),
+    so the connections that could own unattributed success j are a prefix of `_pending`, of
+    length n_j. `_slack[j]` is n_j - (j + 1): how many of those could still be garbage. A slack of
+    0 means that prefix all handshook; below 0, a peer among them left unseen.
+    """
+
     def __init__(self) -> None:
-        self._pending: dict[int, int] = {}  # fd -> successes seen before it opened
+        self._pending: dict[int, int] = {}  # fd -> successes seen before it opened, in that order
         self._handshaken: set[int] = set()
         self._unattributed: list[int] = []  # numbers of successes not yet tied to an fd, ascending
+        self._slack: list[int] = []
         self._successes = 0
         self._failures = 0                  # failure events whose connection has not ended yet
 
@@ -49,12 +59,16 @@ class PeerLedger:
 
     def opened(self, fd: int) -> None:
         self._handshaken.discard(fd)  # an fd reused: its old connection's end went unseen
-        self._pending[fd] = self._successes
+        if fd in self._pending:
+            self.ended(fd)
+        self._pending[fd] = self._successes  # after every success so far: it owns none of them
 
     def succeeded(self) -> None:
         self._successes += 1
         self._unattributed.append(self._successes)
-        self._settle()
+        self._slack.append(len(self._pending) - len(self._unattributed))  # every pending one may own it
+        if self._slack[-1] <= 0:  # (every other slack is above 0 between calls)
+            self._settle()
 
     def failed(self) -> None:
         self._failures += 1
@@ -70,41 +84,35 @@ class PeerLedger:
             self._failures = max(0, self._failures - 1)
             return Ending.UNKNOWN
         opened_at = self._pending.pop(fd)
+        first = bisect.bisect_right(self._unattributed, opened_at)  # the successes it could own
         if self._failures:
             self._failures -= 1
             ending = Ending.FAILED
+        elif first < len(self._slack) and min(self._slack[first:]) == 0:
+            # without it, too few connections would be left to own those successes: it owned one
+            del self._unattributed[first], self._slack[first]
+            return Ending.PEER_LEFT
         else:
-            later = [k for k in self._unattributed if k > opened_at]
-            if later and not self._feasible():  # no one else could own those successes: it did
-                self._unattributed.remove(later[0])
-                ending = Ending.PEER_LEFT
-            else:
-                ending = Ending.BAD_GREETING
+            ending = Ending.BAD_GREETING
+        for j in range(first, len(self._slack)):
+            self._slack[j] -= 1
         self._settle()
         return ending
 
-    def _owners(self) -> list[int]:
-        """How many pending connections could own each unattributed success, in order."""
-        opened = sorted(self._pending.values())
-        return [bisect.bisect_left(opened, k) for k in self._unattributed]
-
-    def _feasible(self) -> bool:
-        return all(n >= j for j, n in enumerate(self._owners(), 1))
-
     def _settle(self) -> None:
         """Drop successes no open connection can own (their peers left unseen), then mark the
-        connections that must own the first j successes as handshaken."""
-        while self._unattributed:
-            owners = self._owners()
-            short = next((j for j, n in enumerate(owners, 1) if n < j), None)
-            if short is not None:
-                del self._unattributed[short - 1]
-                continue
-            forced = next((j for j, n in enumerate(owners, 1) if n == j), None)
-            if forced is None:
+        prefix of connections that must own the first j successes as handshaken."""
+        while self._slack:
+            low = min(self._slack)
+            if low > 0:
                 return
-            bound = self._unattributed[forced - 1]
-            for fd in [fd for fd, opened_at in self._pending.items() if opened_at < bound]:
+            j = self._slack.index(low)
+            if low < 0:
+                del self._unattributed[j], self._slack[j]
+                for i in range(j, len(self._slack)):
+                    self._slack[i] += 1
+                continue
+            for fd in list(itertools.islice(self._pending, j + 1)):
                 del self._pending[fd]
                 self._handshaken.add(fd)
-            del self._unattributed[:forced]
+            del self._unattributed[:j + 1], self._slack[:j + 1]

@@ -3,6 +3,9 @@ garbage is ACCEPTED then DISCONNECTED with no handshake event)."""
 
 from __future__ import annotations
 
+import itertools
+import random
+
 from bus.peers import Ending, PeerLedger
 
 
@@ -77,3 +80,46 @@ def test_reused_fds_and_unknown_ends() -> None:
     assert ledger.ended(99) is Ending.UNKNOWN  # a connect attempt's CLOSED
     ledger.succeeded()
     assert ledger.peers == 1
+
+
+def test_random_interleavings_never_undercount_and_settle_exactly() -> None:
+    """Connections come and go in random order, as libzmq's one I/O thread reports them: legit
+    ones handshake and later leave, garbage ends with no event, refused ones with a failure
+    event just before their end. The count never drops below the truth, and is exact whenever
+    no connection is mid-handshake."""
+    rng = random.Random(12)
+    ledger = PeerLedger()
+    fresh, legit, bad = itertools.count(), [], []  # legit: [fd, handshook]
+    connected = 0
+    for _ in range(5000):
+        step = rng.random()
+        if step < 0.3:
+            fd = next(fresh)
+            ledger.opened(fd)
+            (legit if rng.random() < 0.5 else bad).append([fd, False])
+        elif step < 0.5 and any(not h for _, h in legit):
+            conn = rng.choice([c for c in legit if not c[1]])
+            conn[1] = True
+            ledger.succeeded()
+            connected += 1
+        elif step < 0.75 and bad:
+            fd, _ = bad.pop(rng.randrange(len(bad)))
+            before = ledger.peers
+            if rng.random() < 0.5:
+                ledger.failed()
+            ledger.ended(fd)
+            # it only ever corrects an overcount (a peer that left while the ledger could not tell)
+            assert ledger.peers == before or connected <= ledger.peers < before
+        elif any(h for _, h in legit):
+            conn = rng.choice([c for c in legit if c[1]])
+            legit.remove(conn)
+            ledger.ended(conn[0])
+            connected -= 1
+        assert ledger.peers >= connected
+        if not bad and all(h for _, h in legit):
+            assert ledger.peers == connected
+    for fd, _ in bad:
+        ledger.ended(fd)
+    for fd, _ in legit:
+        ledger.ended(fd)
+    assert ledger.peers == 0 and ledger.pending == 0
