@@ -13,9 +13,17 @@ from typing import Any
 import msgpack
 
 SCHEMA_VERSION = 1
-DEFAULT_MAX_BODY = 4 * 1024 * 1024
 MAX_TOPIC = 1024
 MAX_HEADER = 64 * 1024
+# Body limits, per what a socket receives. `decode` checks them, and `frame_limit` turns the same
+# number into the socket's ZMQ_MAXMSGSIZE (bus.context.socket), so libzmq drops a peer that sends
+# a bigger frame before allocating it. Measured at 1000 services: the largest config part is 40 KB,
+# a whole proxy config (the `config` RPC reply) 1.4 MB.
+MAX_CONTROL_BODY = 0                  # subscriptions and snapshot requests carry no body
+DEFAULT_MAX_BODY = 4 * 1024 * 1024    # config parts, snapshots, RPC requests, report batches
+MAX_REPLY_BODY = 16 * 1024 * 1024     # RPC replies (a whole proxy config)
+# CURVE wraps each frame in a MESSAGE command (33 bytes); libzmq checks the wrapped size.
+_FRAME_SLACK = 1024
 
 # Message kinds.
 UPDATE = "upd"
@@ -108,6 +116,12 @@ def make(topic: str, kind: str, value: Any = None, *, body: bytes | None = None,
         body = b"" if value is None else pack_body(value)
     fields.setdefault("ts", time.time())
     return Envelope(topic=topic, kind=kind, body=body, **fields)
+
+
+def frame_limit(max_body: int) -> int:
+    """The largest wire frame a socket that takes bodies up to `max_body` may accept: any bigger
+    one cannot decode (topic, header and body are one frame each)."""
+    return max(max_body, MAX_HEADER, MAX_TOPIC) + _FRAME_SLACK
 
 
 def pack_body(value: Any) -> bytes:

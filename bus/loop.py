@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from bus.context import context
+from bus.context import context, socket
 from bus.logs import Log
 from bus.metrics import LOOP_ERRORS
 
@@ -110,9 +110,10 @@ class Loop:
         self._next_sweep = 0.0
 
     # -- sockets and registration --
-    def socket(self, kind: int) -> zmq.Socket:
-        """A socket of this loop's context whose uses the loop tracks (see the module doc)."""
-        sock = LoopSocket(self.ctx, kind)
+    def socket(self, kind: int, max_body: int) -> zmq.Socket:
+        """A socket of this loop's context whose uses the loop tracks (see the module doc), taking
+        envelope bodies up to `max_body` (bus.context.socket)."""
+        sock = socket(kind, max_body, self.ctx, LoopSocket)
         sock._loop = self
         return sock
 
@@ -216,6 +217,8 @@ class Loop:
         elif self._running:
             self._halt()
             return
+        elif self._thread is None and not self._closed:
+            self._run_closers()  # never started: its components' sockets close here
         if not self._closed:
             self._closed = True
             os.close(self._wake_r)
@@ -236,12 +239,15 @@ class Loop:
                     self.log.error("socket operation failed", exc_info=True)
                     time.sleep(0.01)
         finally:
-            for closer in reversed(self._closers):
-                try:
-                    closer()
-                except Exception:
-                    self.log.error("close failed", exc_info=True)
-            self._closers.clear()
+            self._run_closers()
+
+    def _run_closers(self) -> None:
+        for closer in reversed(self._closers):
+            try:
+                closer()
+            except Exception:
+                self.log.error("close failed", exc_info=True)
+        self._closers.clear()
 
     def _timeout(self) -> float:
         if self._calls or self._touched:

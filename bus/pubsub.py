@@ -67,18 +67,17 @@ class Publisher:
         self.serving = serving
         self.log = Log("bus.publisher", name=name)
         self._reject = Rejects(self.log)
-        self._pub = loop.socket(zmq.XPUB)
+        self._pub = loop.socket(zmq.XPUB, E.MAX_CONTROL_BODY)
         self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._pub.sndhwm = hwm
-        self._pub.linger = 0
         secure_server(self._pub, pub_endpoint, keyring)
         self.pub_endpoint = bind(self._pub, pub_endpoint)
-        self._router = loop.socket(zmq.ROUTER)
+        self._router = loop.socket(zmq.ROUTER, E.MAX_CONTROL_BODY)
         self._router.sndhwm = hwm
-        self._router.linger = 0
         secure_server(self._router, snapshot_endpoint, keyring)
         self.snapshot_endpoint = bind(self._router, snapshot_endpoint)
         self.monitor = Monitor(loop, self._pub, "publisher", "server", self.log)
+        self.snapshot_monitor = Monitor(loop, self._router, "snapshot", "server", self.log)
         loop.add_reader(self._pub, self._on_subscription)
         loop.add_reader(self._router, self._on_snapshot_request)
         self._hb_timer = loop.call_every(hb_interval, self.heartbeat_all)
@@ -122,6 +121,7 @@ class Publisher:
     def close(self) -> None:
         self._hb_timer.cancel()
         self.monitor.close()
+        self.snapshot_monitor.close()
         for sock in (self._pub, self._router):
             self.loop.remove_reader(sock)
             sock.close(0)
@@ -135,6 +135,12 @@ class Publisher:
 
     def _publish_local(self, env: Envelope) -> None:
         assert self.signer is not None, "a mirror publisher only forwards"
+        if len(env.body) > E.DEFAULT_MAX_BODY:
+            # no subscriber's socket would take it (libzmq drops the connection, and the snapshot
+            # that carries it, over and over): refuse it here, where the cause is
+            self._reject("body_too_large", f"{env.topic}: {len(env.body)} bytes > {E.DEFAULT_MAX_BODY}",
+                         where="publish")
+            return
         self.store.stamp(env)
         self.signer.sign(env)
         self._send(env)
@@ -216,7 +222,7 @@ class Publisher:
                 self._reject("frame_count", f"snapshot request with {len(frames)} frames")
                 continue
             try:
-                req = E.decode(frames[1:])
+                req = E.decode(frames[1:], E.MAX_CONTROL_BODY)
             except DecodeError as exc:
                 self._reject(exc.reason, exc.detail)
                 continue
@@ -269,14 +275,11 @@ class Subscriber:
         self.incremental = True
         self._ready = threading.Event()
         self.resyncs = 0
-        self._sub = loop.socket(zmq.SUB)
+        self._sub = loop.socket(zmq.SUB, max_body)
         self._sub.rcvhwm = hwm
-        self._sub.linger = 0
-        self._sub.maxmsgsize = max_body + 2 * E.MAX_HEADER
         secure_client(self._sub, pub_endpoint, keyring, server)
         self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-        self._dealer = loop.socket(zmq.DEALER)
-        self._dealer.linger = 0
+        self._dealer = loop.socket(zmq.DEALER, max_body)
         secure_client(self._dealer, snapshot_endpoint, keyring, server)
         self.monitor = Monitor(loop, self._sub, "subscriber", "client", self.log) if monitor else None
         self._sub.connect(pub_endpoint)

@@ -13,12 +13,13 @@ from typing import Any
 import zmq
 
 from bus import envelope as E
-from bus.context import context
+from bus.context import socket
 from bus.envelope import DecodeError
 from bus.keys import Keyring
 from bus.logs import Log
 from bus.loop import Loop, drain
 from bus.metrics import RECEIVED, REPORTS_DROPPED, SENT
+from bus.monitor import Monitor
 from bus.pubsub import Rejects, bind
 from bus.security import secure_client, secure_server
 
@@ -29,9 +30,8 @@ class ReportSender:
         self.origin = origin
         self.dropped = 0
         self._lock = threading.Lock()
-        self._sock = (ctx or context()).socket(zmq.PUSH)
+        self._sock = socket(zmq.PUSH, E.MAX_CONTROL_BODY, ctx)  # it receives nothing
         self._sock.sndhwm = queue
-        self._sock.linger = 0
         secure_client(self._sock, endpoint, keyring, server)
         self._sock.connect(endpoint)
 
@@ -61,15 +61,17 @@ class ReportCollector:
         self.loop = loop
         self._handler = handler
         self._max_body = max_body
-        self._reject = Rejects(Log("bus.collector", name=name))
-        self._sock = loop.socket(zmq.PULL)
-        self._sock.linger = 0
+        log = Log("bus.collector", name=name)
+        self._reject = Rejects(log)
+        self._sock = loop.socket(zmq.PULL, max_body)
         secure_server(self._sock, endpoint, keyring)
         self.endpoint = bind(self._sock, endpoint)
+        self.monitor = Monitor(loop, self._sock, "reports", "server", log)
         loop.add_reader(self._sock, self._on_report)
         loop.on_close(self.close)
 
     def close(self) -> None:
+        self.monitor.close()
         self.loop.remove_reader(self._sock)
         self._sock.close(0)
 

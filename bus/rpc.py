@@ -3,7 +3,9 @@
 Every request carries an id. The client waits up to `timeout`, retries at most
 `retries` times with the same id, and ignores stale replies. The server keeps the
 last replies per peer, so a retried request is answered again, not executed twice.
-A handler's exception becomes an ERROR reply; the server keeps serving.
+A handler's exception becomes an ERROR reply; the server keeps serving. A handler that refuses
+the caller raises `Refused`: the ERROR reply is {"error": reason, "detail": ...}, counted and
+logged, with no traceback (a refusal is the handler working, not failing).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bus import envelope as E
-from bus.context import context
+from bus.context import socket
 from bus.envelope import DecodeError
 from bus.keys import Keyring
-from bus.logs import Log
+from bus.logs import BurstLog, Log
 from bus.loop import Loop, drain
-from bus.metrics import AUTH_FAILURES, RECEIVED, RPC_FAILURES, RPC_RETRIES, SENT
+from bus.metrics import AUTH_FAILURES, RECEIVED, RPC_FAILURES, RPC_REFUSED, RPC_RETRIES, SENT
 from bus.monitor import Monitor, close_monitor, explain, open_monitor
 from bus.pubsub import Rejects, bind
 from bus.security import secure_client, secure_server
@@ -45,7 +47,27 @@ Handler = Callable[[Request], Any]
 
 
 class RpcError(Exception):
-    """The server answered with an error."""
+    """The server answered with an error; `code` is its `error` field (e.g. "not_owner")."""
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def from_reply(cls, body: Any) -> RpcError:
+        body = body if isinstance(body, dict) else {}
+        code = str(body.get("error", "error"))
+        detail = body.get("detail")
+        return cls(f"{code}: {detail}" if detail else code, code)
+
+
+class Refused(Exception):
+    """Raised by a handler to refuse the caller: `reason` is the reply's `error` and a metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 class RpcTimeout(Exception):
@@ -59,9 +81,9 @@ class RpcServer:
         self.handlers = handlers
         self.log = Log("bus.rpc-server", name=name)
         self._reject = Rejects(self.log)
+        self._refusals = BurstLog(self.log)
         self._replies: OrderedDict[tuple[bytes, bytes], list[bytes]] = OrderedDict()
-        self._sock = loop.socket(zmq.ROUTER)
-        self._sock.linger = 0
+        self._sock = loop.socket(zmq.ROUTER, E.DEFAULT_MAX_BODY)
         secure_server(self._sock, endpoint, keyring)
         self.endpoint = bind(self._sock, endpoint)
         self.monitor = Monitor(loop, self._sock, "rpc-server", "server", self.log)
@@ -84,7 +106,7 @@ class RpcServer:
                 peer = ""
             identity = frames[0].bytes
             try:
-                req = E.decode([f.bytes for f in frames[1:]])
+                req = E.decode([f.bytes for f in frames[1:]], E.DEFAULT_MAX_BODY)
                 if req.kind != E.REQUEST or not req.req_id:
                     raise DecodeError("bad_kind", f"{req.kind} on a request socket")
             except DecodeError as exc:
@@ -112,6 +134,12 @@ class RpcServer:
         try:
             result = handler(Request(req.topic, req.value(), peer, req.origin))
             return E.make(req.topic, E.REPLY, result, req_id=req.req_id)
+        except Refused as exc:
+            RPC_REFUSED.labels(req.topic, exc.reason).inc()
+            self._refusals.event(exc.reason, "request refused", method=req.topic, peer=peer,
+                                 detail=exc.detail)
+            return E.make(req.topic, E.ERROR, {"error": exc.reason, "detail": exc.detail},
+                          req_id=req.req_id)
         except Exception as exc:
             self.log.error("handler failed", method=req.topic, peer=peer, exc_info=True)
             return E.make(req.topic, E.ERROR, {"error": f"{type(exc).__name__}: {exc}"},
@@ -130,8 +158,7 @@ class RpcClient:
         self.retries = retries
         self.log = Log("bus.rpc-client", server=server)
         self._lock = threading.Lock()
-        self._sock = (ctx or context()).socket(zmq.DEALER)
-        self._sock.linger = 0
+        self._sock = socket(zmq.DEALER, E.MAX_REPLY_BODY, ctx)
         secure_client(self._sock, endpoint, keyring, server)
         self._events = open_monitor(
             self._sock, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -160,7 +187,7 @@ class RpcClient:
                 if reply is not None:
                     if reply.kind == E.ERROR:
                         RPC_FAILURES.labels("error").inc()
-                        raise RpcError((reply.value() or {}).get("error", "error"))
+                        raise RpcError.from_reply(reply.value())
                     return reply.value()
         RPC_FAILURES.labels("timeout").inc()
         raise RpcTimeout(f"{method} to {self.endpoint}: no reply after {retries + 1} attempts"
@@ -176,7 +203,7 @@ class RpcClient:
                     self._note_handshake_failure()
                     continue
                 try:
-                    reply = E.decode(self._sock.recv_multipart())
+                    reply = E.decode(self._sock.recv_multipart(), E.MAX_REPLY_BODY)
                 except DecodeError:
                     continue  # garbage cannot come from an authenticated server; ignore
                 if reply.req_id == req_id and reply.kind in (E.REPLY, E.ERROR):
@@ -217,8 +244,7 @@ class AsyncRpcClient:
         self.retries = retries
         self.log = Log("bus.rpc-client", server=server)
         self._pending: dict[bytes, _Pending] = {}
-        self._sock = loop.socket(zmq.DEALER)
-        self._sock.linger = 0
+        self._sock = loop.socket(zmq.DEALER, E.MAX_REPLY_BODY)
         # queue nothing for a server not connected yet: a request sent into a dead server's queue
         # would run when it comes back, after we gave up on it (a certificate signed for nothing)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -295,7 +321,7 @@ class AsyncRpcClient:
     def _on_readable(self) -> None:
         for frames in drain(self._sock, 512):
             try:
-                reply = E.decode(frames)
+                reply = E.decode(frames, E.MAX_REPLY_BODY)
             except DecodeError:
                 continue  # garbage cannot come from an authenticated server; ignore
             pending = self._pending.pop(reply.req_id or b"", None)
@@ -305,7 +331,7 @@ class AsyncRpcClient:
             RECEIVED.labels(reply.kind).inc()
             if reply.kind == E.ERROR:
                 RPC_FAILURES.labels("error").inc()
-                self._finish(pending, None, RpcError((reply.value() or {}).get("error", "error")))
+                self._finish(pending, None, RpcError.from_reply(reply.value()))
                 continue
             try:
                 value = reply.value()

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import zmq
 from zmq.utils import z85
 
+from bus.context import socket
+from bus.envelope import MAX_CONTROL_BODY
 from bus.keys import Keyring, load_allowed_clients
 from bus.logs import BurstLog, Log
 from bus.metrics import AUTH_FAILURES
@@ -33,8 +35,7 @@ class ZapHandler:
         self._loaded_at = time.monotonic()
         self._log = Log("bus.zap")
         self._burst = BurstLog(self._log)
-        self._sock = ctx.socket(zmq.REP)
-        self._sock.linger = 0
+        self._sock = socket(zmq.REP, MAX_CONTROL_BODY, ctx)
         self._sock.bind(ZAP_ENDPOINT)
         self._thread = threading.Thread(target=self._run, name="zap", daemon=True)
         self._thread.start()

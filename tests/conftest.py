@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import random
 import resource
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,6 +102,34 @@ def wait_released(*endpoints: str | int, timeout: float = 10.0) -> None:
     ports = [e if isinstance(e, int) else int(e.rsplit(":", 1)[1]) for e in endpoints]
     assert wait_for(lambda: all(_bindable(p, reuse=True) for p in ports), timeout), \
         f"ports {ports} still bound after {timeout}s"
+
+
+def free_port_base(span: int = 60, attempts: int = 50) -> int:
+    """A control-plane port base (bus.endpoints) whose `span` ports nobody listens on right now,
+    below Linux's ephemeral range so that no outgoing connection takes one meanwhile."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(10000, 32000 - span, 10)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + span):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no free run of {span} ports found")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    """SIGTERM `proc` (SIGKILL if it does not exit within `timeout`); returns its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=timeout)
+    return err or ""
 
 
 def metric(name: str, **labels: str) -> float:

@@ -108,21 +108,21 @@ def pilot_command(key_dir: str, name: str, galley_name: str, host: str, port_bas
     from controlplane.pilot.xds.server import Pilot, serve_rpc, subscribe_galley
 
     logs.configure()
-    ring = keys.Keyring(key_dir, name)
-    loop = Loop("pilot")
-    # a bad mesh config fails before anything is bound
     mesh_file = MeshConfigFile(mesh_config_path) if mesh_config_path else None
     mesh_config: dict = {}
     warnings: list[str] = []
-    if mesh_file is not None:
+    if mesh_file is not None:  # before any socket: a refused start leaves nothing bound behind
         mesh_file.changed()
         try:
             mesh_config, warnings = mesh_file.read()
         except MeshConfigError as exc:
             raise click.ClickException(str(exc)) from None
+    ring = keys.Keyring(key_dir, name)
+    loop = Loop("pilot")
     try:
         pub = signed_publisher(loop, "pilot", ring, host, port_base)
     except keys.KeyringError as exc:
+        loop.stop()
         raise click.ClickException(str(exc)) from None
     pilot = Pilot(loop, pub, Debouncer(debounce_after, debounce_max), lease=lease, mesh_config=mesh_config)
     for warning in warnings:

@@ -302,6 +302,7 @@ class _Registration:
     lease: float
     expires: float
     digest: int
+    owners: frozenset[str]
 
 
 def _registered(workload: dict[str, Any], node: str) -> Workload:
@@ -339,6 +340,10 @@ class Registrations:
 
     A node renews all its workloads with one heartbeat; when a node dies its heartbeats
     stop and `expire` drops its workloads once their lease runs out.
+
+    A registration belongs to the identity that filed it (its `node`: a node agent, or a proxy
+    registering itself) and to the node agent such a proxy names; only they may replace, renew
+    or remove it (`may_change`), so one key cannot take another's workload out of the mesh.
     """
 
     def __init__(self) -> None:
@@ -346,25 +351,35 @@ class Registrations:
         self._by_node: dict[str, set[str]] = defaultdict(set)
         self._digest = 0  # XOR of the registrations' digests: O(1) to keep, order-independent
 
-    def register(self, workload: dict[str, Any], node: str, now: float, lease: float) -> Workload:
-        """Add or replace (same id: a restarted or moved workload) a registration. Raises ValueError."""
+    def register(self, workload: dict[str, Any], node: str, now: float, lease: float,
+                 agent: str = "") -> Workload:
+        """Add or replace (same id: a restarted workload) a registration filed by `node`; `agent`:
+        the node agent a self-registering proxy names, which may manage it too. Raises ValueError."""
         if lease <= 0:
             raise ValueError(f"lease must be positive, got {lease}")
         w = _registered(workload, node)
         self.deregister(w.name)
         digest = int.from_bytes(_digest(dataclasses.asdict(w))[:16])
-        self._by_id[w.name] = _Registration(w, lease, now + lease, digest)
+        owners = frozenset(o for o in (node, agent) if o)
+        self._by_id[w.name] = _Registration(w, lease, now + lease, digest, owners)
         self._by_node[node].add(w.name)
         self._digest ^= digest
         return w
 
-    def heartbeat(self, node: str, now: float) -> int:
-        """Renew every registration of `node`; returns how many, so 0 tells an agent to re-register."""
-        ids = self._by_node.get(node, ())
-        for wid in ids:
+    def may_change(self, wid: str, caller: str) -> bool:
+        """Whether `caller` may register, renew or remove `wid` (anyone may take a free id)."""
+        reg = self._by_id.get(wid)
+        return reg is None or caller in reg.owners
+
+    def heartbeat(self, node: str, now: float, ids: Iterable[str] = ()) -> int:
+        """Renew every registration filed by `node`, and those of `ids` it owns; returns how many,
+        so 0 tells an agent to re-register."""
+        renew = set(self._by_node.get(node, ()))
+        renew.update(wid for wid in ids if wid in self._by_id and node in self._by_id[wid].owners)
+        for wid in renew:
             reg = self._by_id[wid]
             reg.expires = now + reg.lease
-        return len(ids)
+        return len(renew)
 
     def of_node(self, node: str) -> list[str]:
         return sorted(self._by_node.get(node, ()))

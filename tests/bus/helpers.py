@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from bus.context import context
 from bus.keys import Keyring
 from bus.loop import Loop
 from bus.pubsub import Publisher, Subscriber
+from bus.reports import ReportCollector
+from bus.rpc import RpcServer
 from bus.signing import Signer, Verifier
 from tests.conftest import free_port
 
@@ -37,6 +40,28 @@ def subscriber(loop: Loop, keydir: Path, pub: Publisher | None, prefix: str = "c
         opts["on_change"] = lambda k, v: changes.append((k, v))
     return loop.call_sync(lambda: Subscriber(loop, prefix=prefix, keyring=ring, server=server,
                                              verifier=Verifier(ring.trusted_signers), name=name, **opts))
+
+
+@dataclass
+class Services:
+    """One of each listening socket on one loop: a publisher holding cfg/a=1, an RPC server that
+    answers `ping`, and a report collector keeping what it gets in `reports`."""
+
+    pub: Publisher
+    rpc: RpcServer
+    collector: ReportCollector
+    reports: list = field(default_factory=list)
+
+
+def services(loop: Loop, keydir: Path, name: str = "pilot") -> Services:
+    pub = publisher(loop, keydir, name=name)
+    pub.set("cfg/a", 1)
+    ring = Keyring(keydir, name)
+    reports: list = []
+    rpc = loop.call_sync(lambda: RpcServer(loop, "tcp://127.0.0.1:*", ring, {"ping": lambda r: "pong"}))
+    col = loop.call_sync(lambda: ReportCollector(loop, "tcp://127.0.0.1:*", ring,
+                                                 lambda t, v, o: reports.append(v)))
+    return Services(pub, rpc, col, reports)
 
 
 def raw_server(kind: int, keydir: Path, name: str) -> tuple[zmq.Socket, int]:

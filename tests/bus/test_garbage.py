@@ -9,9 +9,9 @@ import zmq
 
 from bus import envelope as E
 from bus.keys import Keyring
-from bus.reports import ReportCollector, ReportSender
-from bus.rpc import RpcClient, RpcServer
-from tests.bus.helpers import publisher, raw_client, raw_server, subscriber
+from bus.reports import ReportSender
+from bus.rpc import RpcClient
+from tests.bus.helpers import publisher, raw_client, raw_server, services, subscriber
 from tests.conftest import metric, wait_for
 
 RNG = random.Random(20261125)
@@ -43,14 +43,8 @@ def rejected() -> float:
 
 
 def test_garbage_to_every_socket_type_is_counted_and_service_continues(keydir, loops) -> None:
-    loop = loops("svc")
-    pub = publisher(loop, keydir)
-    pub.set("cfg/a", 1)
-    ring = Keyring(keydir, "pilot")
-    rpc = loop.call_sync(lambda: RpcServer(loop, "tcp://127.0.0.1:*", ring, {"ping": lambda r: "pong"}))
-    reports: list = []
-    col = loop.call_sync(lambda: ReportCollector(loop, "tcp://127.0.0.1:*", ring,
-                                                 lambda t, v, o: reports.append(v)))
+    svc = services(loops("svc"), keydir)
+    pub, rpc, col, reports = svc.pub, svc.rpc, svc.collector, svc.reports
     # a garbage publisher feeding a real subscriber
     bad_pub, bad_port = raw_server(zmq.PUB, keydir, "pilot")
     victim = subscriber(loops("victim"), keydir, None, pub_endpoint=f"tcp://127.0.0.1:{bad_port}",
@@ -117,3 +111,16 @@ def test_an_oversized_body_is_rejected_by_the_subscriber(keydir, loops) -> None:
     assert wait_for(lambda: sub.get("cfg/small") == 2, timeout=5)
     assert wait_for(lambda: metric("zmesh_bus_messages_rejected_total", reason="body_too_large") > before)
     assert sub.get("cfg/big") is None
+
+
+def test_a_value_over_the_bus_limit_is_refused_by_its_publisher(keydir, loops) -> None:
+    """No subscriber's socket would take it, so it never goes out: the rest still does."""
+    pub = publisher(loops("pub"), keydir)
+    sub = subscriber(loops("sub"), keydir, pub)
+    assert sub.wait_ready(5)
+    before = metric("zmesh_bus_messages_rejected_total", reason="body_too_large")
+    pub.set("cfg/huge", b"x" * (E.DEFAULT_MAX_BODY + 1))
+    pub.set("cfg/after", 1)
+    assert wait_for(lambda: sub.get("cfg/after") == 1)
+    assert metric("zmesh_bus_messages_rejected_total", reason="body_too_large") == before + 1
+    assert sub.get("cfg/huge") is None and sub.resyncs == 0

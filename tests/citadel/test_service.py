@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from controlplane.pilot.xds.server import Pilot
 from controlplane.pilot.xds.server import serve_rpc as serve_pilot
 from tests.bus.helpers import publisher, raw_client
 from tests.citadel.helpers import DB, TD, WEB, csr_pem, openssl, write_chain
-from tests.conftest import ROOT, metric, wait_for
+from tests.conftest import ROOT, metric, stop, wait_for
 
 NODES = {"nodeagent": [("default", "web")], "proxy-a": [("prod", "db")]}
 
@@ -296,12 +295,7 @@ def test_the_citadel_process_serves_metrics_and_keeps_its_root(mesh_keys, tmp_pa
             fingerprint = client.call("status")["signing_ca"]["fingerprint"]
         finally:
             client.close()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _, err = proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate(timeout=10)
+            err = stop(proc)
             print(err)  # shown if the test fails
         assert proc.returncode == 0, "citadel did not stop cleanly on SIGTERM"
         assert "INSECURE: --trust-node-agents" in err

@@ -204,16 +204,21 @@ def test_a_node_agent_cannot_obtain_another_nodes_identity(cp, nodes, records) -
         client.close()
     assert "not_on_node" in refusal and "nodeagent-b" in refusal
 
-    # the agent's own path: its workload now shows as node a's at pilot, so its renewal is refused;
+    # nor can node a's agent move node b's workload to node a: it does not own that registration
+    pilot = RpcClient(cp.pilot_upstream.rpc, Keyring(cp.keydir, "nodeagent"), "pilot", timeout=2)
+    try:
+        with pytest.raises(RpcError, match="not_owner"):
+            pilot.call("register", {"id": "details-1", "namespace": "default", "service_account": "details",
+                                    "ip": "10.0.0.5", "node": "nodeagent"})
+    finally:
+        pilot.close()
+    assert cp.registered() == {"reviews-1": "nodeagent", "details-1": "nodeagent-b"}
+
+    # the agent's own path: pilot no longer lists its workload on node b, so its renewal is refused;
     # its next heartbeat ("renewed: 0") registers the workload again and the retries succeed
     refused = metric("zmesh_nodeagent_certificate_renewal_failures_total", reason="refused")
     version = b.version("details-1")
-    pilot = RpcClient(cp.pilot_upstream.rpc, Keyring(cp.keydir, "nodeagent"), "pilot", timeout=2)
-    try:
-        pilot.call("register", {"id": "details-1", "namespace": "default", "service_account": "details",
-                                "ip": "10.0.0.5", "node": "nodeagent"})
-    finally:
-        pilot.close()
+    cp.pilot_loop.call_sync(lambda: cp.pilot.registry.registrations.deregister("details-1"))
     assert wait_for(lambda: records.matching("certificate request failed; retrying"), timeout=TTL)
     failure = records.matching("certificate request failed; retrying")[0]
     assert failure["reason"] == "refused" and failure["node"] == "nodeagent-b"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from controlplane.debounce import Debouncer
 from controlplane.pilot.xds.server import Pilot, serve_rpc, subscribe_galley
 from controlplane.pilot.xds.status import NACKED, NOT_SENT, SYNCED
 from tests.bus.helpers import fixed_endpoints, publisher
-from tests.conftest import free_port, wait_for, wait_released
+from tests.conftest import free_port, metric, wait_for, wait_released
 from tests.pilot.simproxy import SimProxy
 
 REVIEWS_80_20 = "virtual-service-reviews-80-20.yaml"
@@ -222,3 +223,60 @@ def test_workloads_tells_citadel_what_runs_on_a_node_and_nobody_else(mesh) -> No
     finally:
         asker.close()
         other.close()
+
+
+def test_only_the_owner_may_deregister_renew_or_replace_a_registration(mesh, caplog) -> None:
+    """Proxy A registers itself (key proxy-a) naming its node agent; key B can neither remove,
+    renew nor replace A's registration; A and A's node agent can."""
+    from bus.rpc import RpcError
+
+    def endpoints() -> list[str]:
+        """The addresses pilot's registry holds for reviews-1 (what reviews' endpoints are built from)."""
+        regs = mesh.pilot.registry.registrations
+        return mesh.loop.call_sync(lambda: [w.address for w in regs.workloads() if w.name == "reviews-1"])
+
+    def refused() -> float:
+        return sum(metric("zmesh_bus_rpc_refused_total", method=m, reason="not_owner")
+                   for m in ("register", "heartbeat", "deregister"))
+
+    clients = {name: RpcClient(mesh.rpc.endpoint, Keyring(mesh.keydir, name), "pilot", retries=0)
+               for name in ("proxy-a", "proxy-b", "nodeagent")}
+    a, b, agent = clients["proxy-a"], clients["proxy-b"], clients["nodeagent"]
+    workload = {"id": "reviews-1", "namespace": "default", "ip": "10.0.0.3", "node": "nodeagent",
+                "labels": {"app": "reviews", "version": "v1"}, "service_account": "reviews"}
+    try:
+        a.call("register", workload)
+        assert endpoints() == ["10.0.0.3"]
+        before = refused()
+        attempts = [("deregister", {"id": "reviews-1"}),
+                    ("heartbeat", {"node": "proxy-a", "ids": ["reviews-1"]}),
+                    ("register", {**workload, "ip": "10.6.6.6"})]
+        with caplog.at_level(logging.WARNING, logger="zmesh.bus.rpc-server"):
+            for method, body in attempts:
+                with pytest.raises(RpcError, match="proxy-b does not own the registration of reviews-1") \
+                        as exc:
+                    b.call(method, body)
+                assert exc.value.code == "not_owner"
+        assert refused() == before + len(attempts)
+        assert any(r.getMessage() == "request refused" and r.fields["peer"] == "proxy-b"
+                   and r.fields["reason"] == "not_owner" for r in caplog.records)
+        assert endpoints() == ["10.0.0.3"]  # the registration stays, as A made it
+        assert b.call("heartbeat", {"node": "proxy-b"})["renewed"] == 0  # B renews only its own
+
+        assert a.call("heartbeat", {"node": "nodeagent", "ids": ["reviews-1"]}) == {
+            "lease": mesh.pilot.lease, "renewed": 1, "missing": []}
+        assert agent.call("heartbeat", {"node": "nodeagent", "ids": ["reviews-1"]})["renewed"] == 1
+        assert agent.call("deregister", {"id": "reviews-1"}) == {}
+        assert endpoints() == []
+        # a free id is anyone's to take; the node agent's own registrations are its alone
+        b.call("register", {**workload, "ip": "10.0.0.4"})
+        assert b.call("deregister", {"id": "reviews-1"}) == {}
+        agent.call("register", {**workload, "node": ""})
+        with pytest.raises(RpcError, match="not_owner"):
+            a.call("deregister", {"id": "reviews-1"})
+        assert agent.call("heartbeat", {"node": "nodeagent"})["renewed"] == 1
+        assert endpoints() == ["10.0.0.3"]
+        assert refused() == before + len(attempts) + 1
+    finally:
+        for client in clients.values():
+            client.close()

@@ -351,6 +351,22 @@ def test_reregister_with_new_ip_replaces_the_endpoint() -> None:
     assert reg.registrations.expire(10.5) == []  # the lease restarted at 1.0
 
 
+def test_only_a_registrations_owners_may_change_it() -> None:
+    """Owners: who filed it, and the node agent a self-registering proxy names."""
+    regs = Registrations()
+    regs.register(workload("a-1"), "proxy-a", 0.0, 10.0, agent="node-1")
+    regs.register(workload("n-1", "10.0.0.9"), "node-1", 0.0, 10.0)
+    assert regs.may_change("a-1", "proxy-a") and regs.may_change("a-1", "node-1")
+    assert not regs.may_change("a-1", "proxy-b") and not regs.may_change("n-1", "proxy-a")
+    assert regs.may_change("free", "proxy-b")  # nobody holds it
+    # a heartbeat renews what the caller filed, and the listed ids it owns, nothing else
+    assert regs.heartbeat("proxy-b", 5.0, ["a-1", "n-1"]) == 0
+    assert regs.heartbeat("node-1", 5.0, ["a-1"]) == 2
+    assert regs.expire(12.0) == []
+    assert regs.heartbeat("proxy-a", 12.0) == 1
+    assert regs.expire(15.5) == ["n-1"]
+
+
 @pytest.mark.parametrize("bad", [
     {"id": ""}, {"namespace": ""}, {"ip": "not-an-ip"}, {"ip": 167772161}, {"labels": {"a": 1}},
     {"ports": {"http": 0}}, {"ports": {"http": "80"}}, {"service_account": 7},

@@ -3,6 +3,9 @@
 - A Subscriber to galley's `galley/` keys feeds the config resources.
 - An RpcServer takes `register` / `heartbeat` / `deregister` (workloads, from node agents
   or proxies), `ack` / `nack` (from proxies), and `status` / `config` (for meshctl).
+  A registration is filed under the caller's CURVE identity; only its owners (that identity,
+  and the node agent a self-registering proxy names) may replace, renew or remove it: anyone
+  else gets the error `not_owner` (counted in zmesh_bus_rpc_refused_total, logged).
 - A Publisher carries the config as parts (networking/parts.py): each shared (outbound)
   set once under `cfg/o/<scope>/`, each config group's own parts and manifest under
   `cfg/g/<group>/` (see groups.py).
@@ -21,7 +24,7 @@ from typing import Any
 from bus.logs import Log
 from bus.loop import Loop
 from bus.pubsub import Publisher, Subscriber
-from bus.rpc import Request, RpcServer
+from bus.rpc import Refused, Request, RpcServer
 from controlplane.config.model import Resource
 from controlplane.debounce import DebouncedCall, Debouncer
 from controlplane.pilot.model import Proxy
@@ -106,6 +109,14 @@ class Pilot:
                 "ack": self._ack, "nack": self._nack, "status": self._status, "config": self._config,
                 "workloads": self._workloads}
 
+    def _owned(self, req: Request, ids: Any) -> None:
+        """Refuse `req` unless its caller may change every registration in `ids`. Over ipc:// there
+        is no CURVE identity: the socket file's mode is the access check."""
+        regs = self.registry.registrations
+        foreign = sorted(str(i) for i in ids if req.peer and not regs.may_change(str(i), req.peer))
+        if foreign:
+            raise Refused("not_owner", f"{req.peer} does not own the registration of {', '.join(foreign)}")
+
     def _register(self, req: Request) -> dict[str, Any]:
         body = req.body or {}
         now = time.monotonic()
@@ -113,9 +124,11 @@ class Pilot:
                     "ip": str(body.get("ip", "")), "labels": dict(body.get("labels") or {}),
                     "service_account": str(body.get("service_account", "default")),
                     "ports": dict(body.get("ports") or {})}
+        self._owned(req, [workload["id"]])
         # the node is the caller's CURVE identity, which it cannot forge; the body's only on ipc://
         node = str(req.peer or body.get("node") or workload["id"])
-        self.registry.registrations.register(workload, node, now, self.lease)
+        agent = str(body.get("node") or "") if req.peer else ""  # a proxy's own node agent
+        self.registry.registrations.register(workload, node, now, self.lease, agent)
         self.status.known(workload["id"], now)
         if body.get("version"):  # what it already runs (after a pilot restart), as xDS version_info
             self.status.ack(workload["id"], str(body["version"]), now)
@@ -127,17 +140,21 @@ class Pilot:
 
     def _heartbeat(self, req: Request) -> dict[str, Any]:
         node = str(req.peer or (req.body or {}).get("node"))
+        ids = [str(i) for i in (req.body or {}).get("ids") or ()]
+        self._owned(req, ids)
         now = time.monotonic()
-        renewed = self.registry.registrations.heartbeat(node, now)
-        for wid in self.registry.registrations.of_node(node):  # contact, as proxy-status shows it
-            self.status.known(wid, now)
-        # `missing`: those of the caller's `ids` pilot does not hold (it restarted): register them again
         regs = self.registry.registrations
-        missing = [str(i) for i in (req.body or {}).get("ids") or () if regs.proxy(str(i)) is None]
+        renewed = regs.heartbeat(node, now, ids)
+        for wid in {*regs.of_node(node), *ids}:  # contact, as proxy-status shows it
+            if regs.proxy(wid) is not None:
+                self.status.known(wid, now)
+        # `missing`: those of the caller's `ids` pilot does not hold (it restarted): register them again
+        missing = [i for i in ids if regs.proxy(i) is None]
         return {"lease": self.lease, "renewed": renewed, "missing": missing}
 
     def _deregister(self, req: Request) -> dict[str, Any]:
         proxy_id = str((req.body or {})["id"])
+        self._owned(req, [proxy_id])
         self.registry.registrations.deregister(proxy_id)
         self.status.forget(proxy_id)
         self._changed()
@@ -160,7 +177,8 @@ class Pilot:
         """For citadel's node authorization: the identities registered on one node (citadel only:
         a node agent must not learn what runs elsewhere)."""
         if req.peer != self.citadel_name:
-            raise PermissionError(f"workloads is answered to {self.citadel_name} only, not {req.peer!r}")
+            raise Refused("not_citadel",
+                          f"workloads is answered to {self.citadel_name} only, not {req.peer!r}")
         regs = self.registry.registrations
         proxies = [regs.proxy(wid) for wid in regs.of_node(str((req.body or {})["node"]))]
         pairs = sorted({(p.namespace, p.service_account) for p in proxies if p is not None})
