@@ -20,7 +20,7 @@ import pytest
 
 from dataplane.proxy.http.codec import NEED_DATA
 from dataplane.proxy.http.options import HttpOptions
-from dataplane.proxy.http.server import http_state
+from dataplane.proxy.http.state import http_state
 from dataplane.proxy.stats import LABELS
 from tests.conftest import free_port, wait_for
 from tests.pilot.test_translation import config as pilot_config
