@@ -207,6 +207,11 @@ def test_decide_fault_abort_and_delay() -> None:
     delay = _route(fault={"delay": {"fixed_delay_ms": 50, "percentage": 100}})
     fwd = decide(Plan(delay, None, "r"), request(GET11), b"a", random.Random(0), {})
     assert isinstance(fwd, Forward) and fwd.delay_ms == 50
+    both = _route(fault={"delay": {"fixed_delay_ms": 50, "percentage": 100},
+                         "abort": {"http_status": 503, "percentage": 100}})
+    fwd = decide(Plan(both, None, "r"), request(GET11), b"a", random.Random(0), {})
+    assert isinstance(fwd, Forward) and fwd.delay_ms == 50  # Envoy's order: the delay, then the abort
+    assert fwd.abort == LocalReply(503, b"fault filter abort", flags=("FI",), route="r")
 
 
 # --- filters -------------------------------------------------------------------------------------

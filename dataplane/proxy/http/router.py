@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from dataplane.proxy import routing
 from dataplane.proxy.cluster import Cluster
-from dataplane.proxy.flags import DI, FI
+from dataplane.proxy.flags import FI
 from dataplane.proxy.http.codec import Request
 from dataplane.proxy.http.exchange import LocalReply
 from dataplane.proxy.routing import HeaderOps
@@ -115,7 +115,8 @@ class Plan:
 
 class Forward(NamedTuple):
     """Where and how a request goes: the cluster's name, the path and authority after rewrites,
-    the header operations for the request and its response, the fault delay to wait first."""
+    the header operations for the request and its response, the fault delay to wait first, and
+    the fault abort to answer after that delay instead of forwarding (Envoy: delay, then abort)."""
 
     cluster: str
     path: bytes
@@ -123,6 +124,7 @@ class Forward(NamedTuple):
     req_ops: HeaderOps | None
     resp_ops: HeaderOps | None
     delay_ms: int = 0
+    abort: LocalReply | None = None
 
 
 def routing_request(req: Request, authority: bytes) -> routing.Request:
@@ -149,16 +151,17 @@ def decide(plan: Plan, req: Request, authority: bytes, rng: Any,
             authority = plan.rewrite.authority.encode("latin-1")
     req_ops, resp_ops = plan.ops.get(name) or (plan.req_ops, plan.resp_ops)
     delay = 0
+    abort = None
     if plan.fault is not None:
         fault = plan.fault.decide(rng.random(), rng.random())
         delay = fault.delay_ms
-        if fault.http_status is not None or fault.grpc_status is not None:
-            flags = (DI, FI) if delay else (FI,)
-            if fault.http_status is not None:
-                return LocalReply(fault.http_status, FAULT_ABORT, flags=flags, route=plan.name,
-                                  cluster=clusters.get(name))
+        if fault.http_status is not None:
+            abort = LocalReply(fault.http_status, FAULT_ABORT, flags=(FI,), route=plan.name,
+                               cluster=clusters.get(name))
+        elif fault.grpc_status is not None:
             grpc = (b"content-type: application/grpc", b"grpc-status: %d" % fault.grpc_status,
                     b"grpc-message: fault filter abort")
-            return LocalReply(200, b"", grpc,
-                              flags=flags, route=plan.name, cluster=clusters.get(name))
-    return Forward(name, path, authority, req_ops, resp_ops, delay)
+            abort = LocalReply(200, b"", grpc, flags=(FI,), route=plan.name, cluster=clusters.get(name))
+        if abort is not None and not delay:
+            return abort
+    return Forward(name, path, authority, req_ops, resp_ops, delay, abort)

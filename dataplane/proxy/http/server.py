@@ -559,7 +559,11 @@ class HttpConnection(Forwarding):
 
     def _delayed(self, decision: Forward) -> None:
         self.wait_timer = None
-        if self.req is not None and not self.closed:
+        if self.req is None or self.closed:
+            return
+        if decision.abort is not None:
+            self._reply(decision.abort)
+        else:
             self._route_to(decision.cluster, decision.req_ops, decision.path, decision.authority)
 
     def _request_head(self, req: Request, path: bytes, authority: bytes, ops: HeaderOps | None) -> bytes:
