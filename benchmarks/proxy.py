@@ -10,7 +10,8 @@ and the issue's goals:
     1 MiB throughput >= 1.3x HAProxy tcp  two sidecars add <= 0.25 ms p50 at 1000 req/s
     idle RSS with 1000 services <= 40 MB per worker
 
-`--quick` runs each part in its quick mode (about two minutes in all).
+`--quick` runs each part in its quick mode (about two minutes in all). `--baseline-checkout PATH`
+runs the L7 part paired against another checkout's sidecar (proxy_l7.py).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def log(msg: str) -> None:
     print(f"[proxy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_part(script: str, quick: bool) -> dict[str, Any]:
+def run_part(script: str, quick: bool, *extra: str) -> dict[str, Any]:
     """Run one part, pass its table through, return its JSON line."""
-    args = [sys.executable, str(ROOT / "benchmarks" / script)] + (["--quick"] if quick else [])
+    args = [sys.executable, str(ROOT / "benchmarks" / script)] + (["--quick"] if quick else []) + list(extra)
     out = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=True).stdout
     lines = out.strip().splitlines()
     print("\n".join(lines[:-1]) + "\n")
@@ -90,11 +91,14 @@ def idle_worker_mb(services: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline-checkout", default=None,
+                    help="L7 also runs this checkout's sidecar, paired with this one (proxy_l7.py)")
     opts = ap.parse_args()
     log("L4: direct, HAProxy tcp, zmesh L4 1 and 2 workers")
     l4 = run_part("proxy_l4.py", opts.quick)
     log("L7: direct, HAProxy http, zmesh L7 1 and 2 workers, two hops, paced latency")
-    l7 = run_part("proxy_l7.py", opts.quick)
+    l7 = run_part("proxy_l7.py", opts.quick,
+                  *(["--baseline-checkout", opts.baseline_checkout] if opts.baseline_checkout else []))
     log("idle worker with 1000 services")
     idle = idle_worker_mb(1000)
     print(f"idle worker, 1000 services ({idle['config_mb']:.1f} MB of config): "

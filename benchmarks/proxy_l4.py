@@ -73,10 +73,10 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, args: list[str], log_path: Path) -> subprocess.Popen:
+    def start(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         out = log_path.open("wb")
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=ROOT)
+                                start_new_session=True, cwd=ROOT, env=env)
         out.close()
         self.procs.append(proc)
         return proc

@@ -25,12 +25,18 @@ Installs wrk, haproxy and nginx with apt-get when missing (helpers shared with p
 Everything runs on 127.0.0.1; every process it starts is stopped at the end. Progress goes to
 stderr; stdout gets the tables and, as its very last line, one JSON object. `--quick` finishes in
 under a minute. `--access-log` turns the sidecars' JSON access log on (to /dev/null).
+
+`--baseline-checkout PATH` compares two versions of the sidecar in one run: every zmesh config
+also runs as `base-<config>` with PATH's code (say `git worktree add /tmp/old <commit>`; its
+`dataplane` package wins through PYTHONPATH), in the same interleaved rounds, and a last table
+gives new/base for req/s and cpu µs/req per config and body (the issue's "within 5%").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -136,8 +142,9 @@ def server_config(app_port: int) -> tuple[dict[str, Any], str]:
 
 
 def start_sidecar(procs: Procs, tmp: Path, config: dict[str, Any], workers: int, label: str,
-                  access_log: bool, listen_port: int) -> subprocess.Popen:
-    """`meshctl proxy --mode explicit` from a config file; waits until `listen_port` accepts."""
+                  access_log: bool, listen_port: int, checkout: Path | None = None) -> subprocess.Popen:
+    """`meshctl proxy --mode explicit` from a config file (with `checkout`'s code when given); waits
+    until `listen_port` accepts."""
     path = tmp / f"{label}.json"
     path.write_text(json.dumps(config))
     args = [str(MESHCTL), "proxy", "--id", f"bench-{label}", "--labels", f"app={label}", "--config",
@@ -145,9 +152,10 @@ def start_sidecar(procs: Procs, tmp: Path, config: dict[str, Any], workers: int,
             "--mode", "explicit", "--workers", str(workers), "--inbound-port", str(free_port()),
             "--admin-port", str(free_port()), "--stats-port", str(free_port()),
             "--access-log" if access_log else "--no-access-log"]
-    if label == "server":  # its one inbound listener stands on --inbound-port in explicit mode
+    if label.endswith("server"):  # its one inbound listener stands on --inbound-port in explicit mode
         args[args.index("--inbound-port") + 1] = str(listen_port)
-    proc = procs.start(args, Path("/dev/null") if access_log else tmp / f"{label}.out")
+    env = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
+    proc = procs.start(args, Path("/dev/null") if access_log else tmp / f"{label}.out", env)
     wait_listening(listen_port, proc)
     return proc
 
@@ -169,6 +177,25 @@ def paced_p50(port: int, seconds: float, tmp: Path) -> float | None:
     return run.p50_ms
 
 
+def paired_table(runs: list[Run]) -> dict[str, dict[str, float | None]]:
+    """new/base per zmesh config and body, for req/s and cpu µs/req (medians of the same rounds)."""
+    by = {(r.config, r.body): r for r in runs}
+    out: dict[str, dict[str, float | None]] = {}
+    print(f"\n{'config':<14}{'body':>6}{'req/s new':>11}{'req/s base':>11}{'ratio':>7}"
+          f"{'cpu new':>9}{'cpu base':>9}{'ratio':>7}")
+    for (config, body), new in by.items():
+        old = by.get((f"base-{config}", body))
+        if old is None:
+            continue
+        rps = new.rps / old.rps if old.rps else None
+        cpu = new.cpu_us_per_req / old.cpu_us_per_req \
+            if new.cpu_us_per_req is not None and old.cpu_us_per_req else None
+        out[f"{config}/{body}"] = {"rps_ratio": rps, "cpu_ratio": cpu}
+        print(f"{config:<14}{body:>6}{new.rps:>11.0f}{old.rps:>11.0f}{fmt(rps, '>7.3f')}"
+              f"{fmt(new.cpu_us_per_req, '>9.1f')}{fmt(old.cpu_us_per_req, '>9.1f')}{fmt(cpu, '>7.3f')}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one round of 2 s runs, no warm-up (under a minute)")
@@ -176,11 +203,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     ap.add_argument("--configs", default="direct,haproxy,zmesh-1w,zmesh-2w,zmesh-2hop")
     ap.add_argument("--access-log", action="store_true", help="sidecars write their JSON access log")
+    ap.add_argument("--baseline-checkout", type=Path, default=None,
+                    help="also run every zmesh config with this checkout's code, paired (base-<config>)")
     opts = ap.parse_args()
+    base_dir = opts.baseline_checkout.resolve() if opts.baseline_checkout else None
+    if base_dir is not None and not (base_dir / "dataplane" / "proxy").is_dir():
+        raise SystemExit(f"--baseline-checkout {base_dir}: no dataplane/proxy there")
     seconds = 2.0 if opts.quick else opts.duration
     rounds = 1 if opts.quick else opts.rounds
     warmup = 0.0 if opts.quick else 1.0
     configs = opts.configs.split(",")
+    if base_dir is not None:
+        configs += [f"base-{c}" for c in configs if c.startswith("zmesh")]
     bodies = (("19B", "/small"), ("1MiB", "/big"))
     ensure_tools()
     procs = Procs()
@@ -191,6 +225,8 @@ def main() -> None:
         backend = start_nginx(procs, tmp)
         targets: dict[str, tuple[int, list[subprocess.Popen]]] = {}
         for config in configs:  # all up at once, so every round visits each under the same load
+            checkout = base_dir if config.startswith("base-") else None
+            kind = config.removeprefix("base-")
             if config == "direct":
                 targets[config] = (backend, [])
             elif config == "haproxy":
@@ -200,17 +236,19 @@ def main() -> None:
                 front.mkdir()
                 front_port, front_proc = start_haproxy_http(procs, front, port)
                 targets["haproxy-2hop"] = (front_port, [front_proc, proc])
-            elif m := re.fullmatch(r"zmesh-(\d+)w", config):
+            elif m := re.fullmatch(r"zmesh-(\d+)w", kind):
                 port = free_port()
                 proc = start_sidecar(procs, tmp, client_config(backend, port), int(m.group(1)), config,
-                                     opts.access_log, port)
+                                     opts.access_log, port, checkout)
                 targets[config] = (port, [proc])
-            elif config == "zmesh-2hop":
+            elif kind == "zmesh-2hop":
                 cfg, _ = server_config(backend)
                 server_port, client_port = free_port(), free_port()
-                server = start_sidecar(procs, tmp, cfg, 1, "server", opts.access_log, server_port)
-                client = start_sidecar(procs, tmp, client_config(server_port, client_port), 1, "client",
-                                       opts.access_log, client_port)
+                prefix = "base-" if checkout else ""
+                server = start_sidecar(procs, tmp, cfg, 1, prefix + "server", opts.access_log, server_port,
+                                       checkout)
+                client = start_sidecar(procs, tmp, client_config(server_port, client_port), 1,
+                                       prefix + "client", opts.access_log, client_port, checkout)
                 targets[config] = (client_port, [client, server])
             else:
                 raise SystemExit(f"unknown config {config}")
@@ -228,6 +266,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     runs, best = report(samples, configs, bodies, rounds, seconds)
+    paired = paired_table(runs) if base_dir is not None else None
     p50 = {k: (sorted(v)[len(v) // 2] if v else None) for k, v in paced.items()}
 
     def over_direct(config: str) -> float | None:
@@ -242,6 +281,7 @@ def main() -> None:
                       "access_log": opts.access_log, "best_vs_haproxy": best,
                       "paced_rate": PACED_RATE, "paced_p50_ms": p50, "two_sidecars_added_p50_ms": added,
                       "two_haproxy_hops_added_p50_ms": haproxy_added,
+                      "baseline_checkout": str(base_dir) if base_dir else None, "paired": paired,
                       "runs": [asdict(r) for r in runs]}))
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from dataplane.proxy.cluster import CONNECT_FAILURE, GATEWAY_ERRORS, REFUSED_STREAM, RESET, TIMEOUT
+from dataplane.proxy.http.serialize import valid_field
 
 # Envoy's retry back-off: jittered exponential from 25 ms, capped at ten times the base.
 DEFAULT_BACKOFF_MS = 25
@@ -144,27 +145,53 @@ def compile_match(match: Mapping[str, Any]) -> tuple[Condition, ...]:
 
 
 class HeaderOps:
-    """One direction of Istio's Headers: removals first, then sets, then adds (Envoy's order)."""
+    """One direction of Istio's Headers, compiled to bytes once per config; the proxy applies it
+    to a message's field list as Envoy does: drop `remove` and the names `set` replaces (`kept`),
+    then append the `set` values and then the `add` ones as field lines of their own (`add`:
+    an added value is one more line, as Envoy's append, never a comma-joined rewrite).
 
-    __slots__ = ("add", "remove", "set")
+    Names are lower-cased; a configured field that could not be sent as is (not a token name, a
+    control character in the value, not latin-1) is left out."""
+
+    __slots__ = ("add", "remove")
 
     def __init__(self, spec: Mapping[str, Any] | None) -> None:
         spec = spec or {}
-        self.remove = tuple(k.lower() for k in spec.get("remove") or ())
-        self.set = tuple((k.lower(), str(v)) for k, v in (spec.get("set") or {}).items())
-        self.add = tuple((k.lower(), str(v)) for k, v in (spec.get("add") or {}).items())
+        sets = [(str(k).lower(), str(v)) for k, v in (spec.get("set") or {}).items()]
+        adds = [(str(k).lower(), str(v)) for k, v in (spec.get("add") or {}).items()]
+        self.add: tuple[bytes, ...] = tuple(line for n, v in (*sets, *adds) if (line := _field_line(n, v)))
+        self.remove = frozenset(_latin1(str(n).lower()) for n in (*(spec.get("remove") or ()), *dict(sets)))
 
     def __bool__(self) -> bool:
-        return bool(self.remove or self.set or self.add)
+        return bool(self.remove or self.add)
 
-    def apply(self, headers: MutableMapping[str, str]) -> None:
-        for name in self.remove:
-            headers.pop(name, None)
-        for name, value in self.set:
-            headers[name] = value
-        for name, value in self.add:
-            old = headers.get(name)
-            headers[name] = value if old is None else f"{old},{value}"
+    def kept(self, fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """`fields` without the ones this removes or replaces (the same list when none goes)."""
+        remove = self.remove
+        return [f for f in fields if f[0] not in remove] if remove else fields
+
+    @staticmethod
+    def then(first: HeaderOps | None, second: HeaderOps | None) -> HeaderOps | None:
+        """`first` applied, then `second`, as one set of operations (a weighted cluster's, then
+        the route's: the less specific wins, Envoy's default)."""
+        if not first or not second:
+            return first or second or None
+        merged = HeaderOps.__new__(HeaderOps)
+        merged.remove = first.remove | second.remove
+        merged.add = (*(a for a in first.add if a.partition(b":")[0] not in second.remove), *second.add)
+        return merged
+
+
+def _latin1(text: str) -> bytes:
+    return text.encode("latin-1", "replace")
+
+
+def _field_line(name: str, value: str) -> bytes | None:
+    try:
+        n, v = name.encode("latin-1"), value.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    return n + b": " + v if valid_field(n, v) else None
 
 
 class WeightedCluster:
@@ -390,22 +417,6 @@ class Route:
         if not self._cumulative:
             return None
         return self.clusters[bisect_right(self._cumulative, u)]
-
-    def apply_request_headers(self, headers: MutableMapping[str, str],
-                              cluster: WeightedCluster | None) -> None:
-        """The weighted cluster's operations, then the route's (the less specific wins, as Envoy's
-        default has it)."""
-        if cluster is not None and cluster.request_headers:
-            cluster.request_headers.apply(headers)
-        if self.request_headers:
-            self.request_headers.apply(headers)
-
-    def apply_response_headers(self, headers: MutableMapping[str, str],
-                               cluster: WeightedCluster | None) -> None:
-        if cluster is not None and cluster.response_headers:
-            cluster.response_headers.apply(headers)
-        if self.response_headers:
-            self.response_headers.apply(headers)
 
 
 class VirtualHost:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import os
 import socket
@@ -49,51 +48,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dataplane.proxy import sockets, tls
+from dataplane.proxy import pump, sockets, tls
 from dataplane.proxy.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor
 
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _ENDING = EPOLLRDHUP | EPOLLHUP | EPOLLERR  # a FIN or reset is queued behind whatever data is left
 _MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-_SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER_RST = struct.pack("ii", 1, 0)
-_splice = os.splice
 _readv = os.readv
 _write = os.write
-
-PIPE_SIZE = 256 * 1024  # per direction in splice mode: the most the proxy holds for one half
-_MIN_PIPE = 64 * 1024
-_POOL_MAX = 128
-_pipe_pool: list[tuple[int, int]] = []  # empty pipes of closed connections, reused (per process)
-
-
-def take_pipe() -> tuple[int, int] | None:
-    """An empty pipe for splice mode, or None when the user's pipe quota only leaves tiny ones.
-
-    An unprivileged user past fs.pipe-user-pages-soft gets 8 KiB pipes, and splicing
-    through those costs more syscalls than copying: the half then stays in copy mode.
-    """
-    if _pipe_pool:
-        return _pipe_pool.pop()
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-    if size < _MIN_PIPE:
-        os.close(r)
-        os.close(w)
-        return None
-    return r, w
-
-
-def give_pipe(pipe: tuple[int, int], empty: bool) -> None:
-    if empty and len(_pipe_pool) < _POOL_MAX:
-        _pipe_pool.append(pipe)
-    else:
-        os.close(pipe[0])
-        os.close(pipe[1])
-
 
 class _Half:
     """One direction of a connection: read `src`, write `dst`, never hold more than one read.
@@ -194,7 +157,7 @@ class _Half:
                 return  # a short read from a stream socket: its receive queue is empty
             if self.splice:  # bulk: decide once, splice from now on (or copy for good)
                 self.splice = False
-                pipe = take_pipe()
+                pipe = pump.take_pipe()
                 if pipe is not None:
                     self.pipe = pipe
                     self.pump = self._pump_splice
@@ -202,52 +165,22 @@ class _Half:
                     return
 
     def _pump_splice(self) -> None:
-        r, w = self.pipe  # type: ignore[misc]
-        dst_fd = self.dst_fd
-        if self.blocked:
-            piped = self.piped
-            try:
-                moved = _splice(r, dst_fd, piped, None, None, _SPLICE)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self.conn._broken(self, e, reading=False)
-                return
+        piped = self.piped
+        n, self.piped, outcome, err = pump.splice(self.src_fd, self.dst_fd, self.pipe,  # type: ignore[arg-type]
+                                                  piped, pump.UNBOUNDED)
+        if self.piped != piped or n:
             self.flushes += 1
-            self.piped = piped = piped - moved
-            if piped:
-                return
+        self.nbytes += n
+        if outcome == pump.BLOCKED:
+            self.blocked = self.halted = True
+        elif outcome == pump.DRAINED:
+            self.blocked = self.halted = False
+        elif outcome == pump.EOF:
             self.blocked = False
-            if self.eof:
-                self._finish()
-                return
-            self.halted = False
-        src_fd = self.src_fd
-        while True:
-            try:
-                n = _splice(src_fd, w, PIPE_SIZE, None, None, _SPLICE)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self.conn._broken(self, e, reading=True)
-                return
-            if not n:
-                self.eof = self.halted = True
-                self._finish()
-                return
-            self.nbytes += n
-            try:
-                moved = _splice(r, dst_fd, n, None, None, _SPLICE)
-            except BlockingIOError:
-                moved = 0
-            except OSError as e:
-                self.piped = n
-                self.conn._broken(self, e, reading=False)
-                return
-            if moved < n:
-                self.piped = n - moved
-                self.blocked = self.halted = True
-                return
+            self.eof = self.halted = True
+            self._finish()
+        else:
+            self.conn._broken(self, err, reading=outcome == pump.READ_FAILED)  # type: ignore[arg-type]
 
     def _finish(self) -> None:
         """src said FIN and everything is flushed: pass the FIN on."""
@@ -263,7 +196,7 @@ class _Half:
         self.eof = self.halted = True
         self.blocked = False
         if self.pipe is not None:
-            give_pipe(self.pipe, self.piped == 0)
+            pump.give_pipe(self.pipe, self.piped == 0)
             self.pipe = None
 
 

@@ -57,7 +57,7 @@ def _http_factory() -> Any:
 
 
 def _http_upstreams(runtime: Runtime) -> Any:
-    from dataplane.proxy.http.server import http_state
+    from dataplane.proxy.http.state import http_state
     return http_state(runtime).upstreams
 
 

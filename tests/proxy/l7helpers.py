@@ -23,7 +23,8 @@ from dataplane.proxy.http.codec import (
     Response,
     ResponseParser,
 )
-from dataplane.proxy.http.server import HttpConnection, http_state
+from dataplane.proxy.http.server import HttpConnection
+from dataplane.proxy.http.state import http_state
 from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.runtime import Runtime
 from dataplane.proxy.stats import LABELS, Stats, Workload

@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dataplane.proxy import sockets
 from dataplane.proxy.accesslog import AccessLog
-from dataplane.proxy.http.server import HttpConnection, http_state
+from dataplane.proxy.http.server import HttpConnection
+from dataplane.proxy.http.state import http_state
 from dataplane.proxy.listeners import SidecarListener
 from dataplane.proxy.reactor import Reactor
 from dataplane.proxy.runtime import ConfigError, Runtime

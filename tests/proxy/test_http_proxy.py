@@ -20,7 +20,7 @@ import pytest
 
 from dataplane.proxy.http.codec import NEED_DATA
 from dataplane.proxy.http.options import HttpOptions
-from dataplane.proxy.http.server import http_state
+from dataplane.proxy.http.state import http_state
 from dataplane.proxy.stats import LABELS
 from tests.conftest import free_port, wait_for
 from tests.pilot.test_translation import config as pilot_config
@@ -388,7 +388,10 @@ def test_fault_abort_and_delay(backends: Backends, proxies: Proxies) -> None:
     vhosts = [{"name": "a", "domains": ["abort"], "routes": [
                   route(fault={"abort": {"http_status": 555, "percentage": 100.0}})]},
               {"name": "d", "domains": ["delay"], "routes": [
-                  route(fault={"delay": {"fixed_delay_ms": 300, "percentage": 100.0}})]}]
+                  route(fault={"delay": {"fixed_delay_ms": 300, "percentage": 100.0}})]},
+              {"name": "b", "domains": ["both"], "routes": [
+                  route(fault={"delay": {"fixed_delay_ms": 200, "percentage": 100.0},
+                               "abort": {"http_status": 556, "percentage": 100.0}})]}]
     backend = Backend()
     backends.append(backend)
     proxy = Proxy(make_config(vhosts=vhosts, endpoints={CLUSTER: [backend.address]}))
@@ -399,8 +402,13 @@ def test_fault_abort_and_delay(backends: Backends, proxies: Proxies) -> None:
     started = time.monotonic()
     assert c.request(host="delay").status == 200
     assert time.monotonic() - started >= 0.29
+    started = time.monotonic()
+    r = c.request(host="both")  # Envoy delays, then aborts
+    assert (r.status, r.body) == (556, b"fault filter abort")
+    assert time.monotonic() - started >= 0.19
     got = proxy.requests()
     assert got[(SERVICE, "555", "FI")] == 1 and got[(SERVICE, "200", "DI")] == 1
+    assert got[(SERVICE, "556", "DI,FI")] == 1
     assert len(backend.seen) == 1
 
 

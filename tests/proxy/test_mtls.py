@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from controlplane.citadel import pki
 from dataplane.proxy import sockets
 from dataplane.proxy.accesslog import AccessLog
-from dataplane.proxy.http.server import HttpConnection, http_state
+from dataplane.proxy.http.server import HttpConnection
+from dataplane.proxy.http.state import http_state
 from dataplane.proxy.listeners import SidecarListener, looks_like_http, looks_like_tls
 from dataplane.proxy.reactor import Reactor
 from dataplane.proxy.runtime import Runtime

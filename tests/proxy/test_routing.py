@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from dataplane.proxy.cluster import CONNECT_FAILURE, REFUSED_STREAM, RESET, TIMEOUT
+from dataplane.proxy.http.router import Plan
 from dataplane.proxy.routing import (
     HeaderOps,
     Request,
@@ -297,13 +298,25 @@ def test_translated_matches_behave_as_written() -> None:
 # --- header ops, rewrites, redirects ---------------------------------------------------------------
 
 
+def _applied(ops: HeaderOps | None, fields: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The field lines a message carries after `ops`, as the proxy sends them (exchange.py)."""
+    if ops is None:
+        return [b": ".join(f) for f in fields]
+    return [b": ".join(f) for f in ops.kept(fields)] + list(ops.add)
+
+
 def test_header_ops_remove_then_set_then_add_with_names_lowercased() -> None:
     ops = HeaderOps({"remove": ["X-Gone", "x-set"], "set": {"X-Set": "1"},
                      "add": {"x-add": "b", "x-new": "n"}})
-    headers = {"x-gone": "g", "x-set": "0", "x-add": "a", "keep": "k"}
-    ops.apply(headers)
-    assert headers == {"x-set": "1", "x-add": "a,b", "x-new": "n", "keep": "k"}
+    fields = [(b"x-gone", b"g"), (b"x-set", b"0"), (b"x-add", b"a"), (b"keep", b"k")]
+    # an added value is a field line of its own, as Envoy's append (not a comma-joined rewrite)
+    assert _applied(ops, fields) == [b"x-add: a", b"keep: k", b"x-set: 1", b"x-add: b", b"x-new: n"]
     assert not HeaderOps(None) and not HeaderOps({}) and ops
+
+
+def test_header_ops_leave_out_fields_that_cannot_be_sent() -> None:
+    ops = HeaderOps({"set": {"bad name": "1", "x-ctl": "a\r\nb", "x-wide": "\u2603", "x-ok": "fine"}})
+    assert ops.add == (b"x-ok: fine",)
 
 
 def test_route_header_ops_apply_after_the_weighted_cluster_ones() -> None:
@@ -322,18 +335,14 @@ def test_route_header_ops_apply_after_the_weighted_cluster_ones() -> None:
     route = router(config(res)).match(get(REVIEWS))
     assert route is not None
     v1, v2 = route.pick_cluster(0.1), route.pick_cluster(0.9)
-    request = {"x-secret": "s", "x-who": "caller"}
-    route.apply_request_headers(request, v1)
-    assert request == {"x-who": "route", "x-subset": "v1"}  # the route's set wins (Envoy's default)
-    request = {"x-secret": "s"}
-    route.apply_request_headers(request, v2)
-    assert request == {"x-who": "route"}
-    response: dict[str, str] = {}
-    route.apply_response_headers(response, v1)
-    assert response == {"x-served-by": "v1,route"}
-    response = {}
-    route.apply_response_headers(response, None)
-    assert response == {"x-served-by": "route"}
+    plan = Plan(route, None, route.name)  # what the proxy applies per weighted cluster
+    req_v1, resp_v1 = plan.ops[v1.name]
+    assert v2.name not in plan.ops
+    request = [(b"x-secret", b"s"), (b"x-who", b"caller")]
+    assert _applied(req_v1, request) == [b"x-subset: v1", b"x-who: route"]  # the route's set wins
+    assert _applied(plan.req_ops, [(b"x-secret", b"s")]) == [b"x-who: route"]
+    assert _applied(resp_v1, []) == [b"x-served-by: v1", b"x-served-by: route"]
+    assert _applied(plan.resp_ops, []) == [b"x-served-by: route"]
 
 
 @pytest.mark.parametrize(("match", "rewrite", "path", "expected"), [

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from dataplane.proxy import sockets, tcp
+from dataplane.proxy import pump, sockets
 from dataplane.proxy.l4 import L4Listener
 from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.tcp import Forwarder
@@ -387,7 +387,7 @@ def test_backpressure_keeps_the_proxy_buffer_bounded(proxy: Proxy, backends: Cal
         conn.shutdown(socket.SHUT_WR)
 
     port = proxy.listen(backends(flood).port, splice=splice)
-    bound = max(tcp.PIPE_SIZE, len(proxy.reactor.scratch))  # one buffer for the one busy direction
+    bound = max(pump.PIPE_SIZE, len(proxy.reactor.scratch))  # one buffer for the one busy direction
     with client(port) as c:
         assert wait_for(lambda: proxy.connections(), 5.0)
         (fwd,) = proxy.connections()

@@ -1,9 +1,7 @@
-"""HTTP/1.1 for the sidecar proxy: the sans-IO codec (see `codec`)."""
+"""HTTP/1.1 for the sidecar proxy: the sans-IO codec (see `codec` and `serialize`)."""
 
 from dataplane.proxy.http.codec import (
     CLOSED,
-    CONTINUE,
-    LAST_CHUNK,
     NEED_DATA,
     PAUSED,
     Data,
@@ -15,6 +13,10 @@ from dataplane.proxy.http.codec import (
     Response,
     ResponseParser,
     TunnelData,
+)
+from dataplane.proxy.http.serialize import (
+    CONTINUE,
+    LAST_CHUNK,
     chunk,
     error_response,
     last_chunk,

@@ -1,4 +1,4 @@
-"""HTTP/1.1 codec for the sidecar: sans-IO parsers and serializers, built for the hot path.
+"""HTTP/1.1 codec for the sidecar: sans-IO parsers (serializers: serialize.py), built for the hot path.
 
 The proxy owns the sockets; this module only turns bytes into events and events into bytes.
 `RequestParser` reads what a client sends, `ResponseParser` what an upstream answers. Both
@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from http import HTTPStatus
 
 Fields = list[tuple[bytes, bytes]]
 # start line, fields, Content-Length, Transfer-Encoding, Connection tokens, Host, Upgrade, Expect
@@ -164,8 +162,8 @@ _VCHAR = rb"\x21-\x7e\x80-\xff"  # visible characters and obs-text
 _FIELD_RE = re.compile(
     rb"\n([" + _TCHAR + rb"]++):[ \t]*+((?:[ \t]*+[" + _VCHAR + rb"]++)*+)[ \t]*+\r(?=\n)"
 )
-_TOKEN_RE = re.compile(rb"[" + _TCHAR + rb"]++")
-_VALUE_RE = re.compile(rb"(?:[" + _VCHAR + rb"]++(?:[ \t]++[" + _VCHAR + rb"]++)*+)?+")  # trimmed value
+TOKEN_RE = re.compile(rb"[" + _TCHAR + rb"]++")
+VALUE_RE = re.compile(rb"(?:[" + _VCHAR + rb"]++(?:[ \t]++[" + _VCHAR + rb"]++)*+)?+")  # trimmed value
 _VERSION_RE = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _CHUNK_EXT_RE = re.compile(
     rb'(?:[ \t]*+;[ \t]*+[' + _TCHAR + rb']++(?:[ \t]*+=[ \t]*+(?:[' + _TCHAR
@@ -420,9 +418,9 @@ def _field_error(head: bytes, start: int) -> str:
             return "header line without a colon"
         if name != name.rstrip(b" \t"):
             return "whitespace before a header colon"
-        if not _TOKEN_RE.fullmatch(name):
+        if not TOKEN_RE.fullmatch(name):
             return "invalid header name"
-        if not _VALUE_RE.fullmatch(line[len(name) + 1:].strip(b" \t")):
+        if not VALUE_RE.fullmatch(line[len(name) + 1:].strip(b" \t")):
             return "invalid character in header value"
     return "invalid header block"
 
@@ -529,7 +527,7 @@ def _request_head(p: _Parser) -> Event:
         version = b"1.0"
     else:
         version = _version(version)
-    if method not in _METHODS and _TOKEN_RE.fullmatch(method) is None:
+    if method not in _METHODS and TOKEN_RE.fullmatch(method) is None:
         raise HTTPError(400, "invalid method")
     if not target or _BAD_TARGET_RE.search(target):
         raise HTTPError(400, "invalid request target")
@@ -835,72 +833,3 @@ _STATE_NAMES: dict[Callable[[_Parser], Event], str] = {
     _closed: "CLOSED",
     _failed: "ERROR",
 }
-
-
-# --- serialization ------------------------------------------------------------------------
-
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
-
-
-def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]],
-                 version: bytes = b"1.1") -> bytes:
-    """A request head. Fields go out as given: names and values must be valid (parsed ones
-    are; check configured ones once with `valid_field`), framing fields are the caller's."""
-    out = [method, b" ", target, b" HTTP/", version, b"\r\n"]
-    for name, value in headers:
-        out += (name, b": ", value, b"\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
-
-
-def response_head(status: int, headers: Iterable[tuple[bytes, bytes]], reason: bytes | None = None,
-                  version: bytes = b"1.1") -> bytes:
-    """A response head; `reason` defaults to the standard phrase. Same rules as request_head."""
-    out = [_status_line(status, version) if reason is None
-           else b"HTTP/%s %d %s\r\n" % (version, status, reason)]
-    for name, value in headers:
-        out += (name, b": ", value, b"\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
-
-
-@lru_cache(maxsize=256)
-def _status_line(status: int, version: bytes) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase.encode()
-    except ValueError:
-        phrase = b""
-    return b"HTTP/%s %d %s\r\n" % (version, status, phrase)
-
-
-def chunk(data: bytes) -> bytes:
-    """One chunk of a chunked body; empty data gives b"" (an empty chunk would end the body)."""
-    if not data:
-        return b""
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
-    """The end of a chunked body, with optional trailer fields."""
-    out = [b"0\r\n"]
-    for name, value in trailers:
-        out += (name, b": ", value, b"\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
-
-
-@lru_cache(maxsize=64)
-def error_response(status: int, detail: str | None = None) -> bytes:
-    """A complete canned error response (400, 408, 414, 431, 502, 503, 504...) that closes the
-    connection; the plain-text body is the status phrase, plus `detail` when given."""
-    phrase = _status_line(status, b"1.1")[13:-2]
-    body = phrase + (b": " + detail.encode("utf-8", "replace") if detail else b"") + b"\n"
-    return _status_line(status, b"1.1") + (
-        b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-        % len(body)) + body
-
-
-def valid_field(name: bytes, value: bytes) -> bool:
-    """Whether a configured field may be serialized as is (check header ops once, at load)."""
-    return _TOKEN_RE.fullmatch(name) is not None and _VALUE_RE.fullmatch(value) is not None

@@ -1,17 +1,23 @@
 """The sidecar's L7 engine: Envoy's HTTP connection manager and router for HTTP/1.1, one
-`HttpConnection` per accepted downstream socket.
+`HttpConnection` per accepted downstream socket. This module is the I/O shell of the client side;
+the rules live in sans-IO modules, one job each:
+
+* exchange.py: framing, keep-alive, 100-continue, upgrades, the forwarded heads, local replies;
+* filters.py: the per-request stages as an ordered chain (peer metadata, upgrade verdicts,
+  authorization, route selection), each returning continue or a `LocalReply`;
+* router.py: per-route plans and the router's decisions (redirects, direct responses, weighted
+  pick, rewrites, header operations, faults); policy.py: retries and failure replies;
+* forward.py: the upstream half of the exchange (tries, pooled connections from upstream.py,
+  the response back, a pipe for large bodies via pump.py); tunnel.py after a protocol switch;
+  mirror.py: mirrored requests; state.py: what a runtime's connections share.
 
 Per request (pipelined ones are answered in order, one at a time): take `runtime.snapshot` (the
-request finishes on it even if a config swap replaces it meanwhile), route (outbound: the
-port's RouteConfig by Host; inbound: the inbound cluster), apply faults, redirects, direct
-responses, header operations and rewrites, pick the weighted cluster and an endpoint, respect
-the cluster's circuit breakers (503 UO), and forward over a pooled keep-alive connection
-(upstream.py), streaming bodies both ways. Retries follow the route's RetryPolicy (with Envoy's
-previous-hosts avoidance and the cluster's retry budget); a request that fails on a reused
-connection before any response byte is retried once more, transparently, as Envoy does for
-the keep-alive race. Every try is reported to the cluster for outlier detection; mirrors get
-a fire-and-forget copy (Host suffixed "-shadow"); a 101 (or a CONNECT 2xx) turns the
-connection into a tunnel.
+request finishes on it even if a config swap replaces it meanwhile), run the listener's filters,
+then forward over a pooled keep-alive connection, streaming bodies both ways. Retries follow the
+route's RetryPolicy (with Envoy's previous-hosts avoidance and the cluster's retry budget); a
+request that fails on a reused connection before any response byte is retried once more,
+transparently, as Envoy does for the keep-alive race. Every try is reported to the cluster for
+outlier detection.
 
 What it needs from the Runtime (dataplane.proxy.runtime): `reactor`, `snapshot` (`routes`,
 `clusters`, `config`), `stats`, `access_log`, `rng`, `draining`; it keeps its shared state
@@ -26,17 +32,17 @@ Why it is shaped this way (the hot path is the point of this module):
   traffic makes no epoll_ctl calls at all.
 * What depends only on the route or the cluster (header operations as bytes, the resolved
   cluster and its stats key, whether anything special applies) is computed once per route per
-  config (`_Plan`), and a connection remembers its last routing decision, so a keep-alive client
-  asking the same Host again skips routing. The usual request then costs one dict of its fields,
+  config (router.Plan), and a connection remembers its last routing decision, so a keep-alive
+  client asking the same Host again skips routing. The filter chain is a tuple of functions
+  chosen once per listener direction. The usual request then costs one dict of its fields,
   one list comprehension for the forwarded head and one write; a response read in one recv
   (head, body, end) goes back in one write.
 * Back-pressure: a side is read only while what the proxy holds for its peer is under
   MAX_BUFFER (a short write stops reading the other side until the EPOLLOUT edge), so a
   connection holds at most that plus one read per direction, whatever the peers do. Request
   bodies up to RETRY_BUFFER are kept for retries and mirrors; bigger ones stream and are not
-  retried. The rest of a large
-  Content-Length response body (SPLICE_MIN or more) moves socket to pipe to socket with splice,
-  never through Python (as tcp.py does for bulk L4 data).
+  retried. The rest of a large Content-Length response body moves socket to pipe to socket
+  with splice, never through Python (forward.py, pump.py).
 * Batched writes: what goes to the client, and a request head going upstream, is queued and
   written once the reactor has dispatched its whole batch of events (`call_soon`). Each write
   wakes a peer (wrk, the app) that would otherwise preempt the worker in the middle of the batch,
@@ -50,9 +56,9 @@ Why it is shaped this way (the hot path is the point of this module):
 
 Istio's metadata exchange (peer_metadata.py), so the metrics name both workloads: requests to an
 in-mesh upstream (the endpoint's pool does Istio mTLS) carry our precomputed metadata lines; the
-peer's, from a request (inbound) or a response (outbound), go through the worker's PeerCache to a
-`Peer` whose stats keys are cached per route key; an inbound request that carried metadata is
-answered with ours. Peers' metadata fields are always dropped, so apps never see them.
+peer's, from a request (inbound, filters.py) or a response (outbound) go through the worker's
+PeerCache to a `Peer` whose stats keys are cached per route key; an inbound request that carried
+metadata is answered with ours. Peers' metadata fields are always dropped, so apps never see them.
 
 Local replies carry Envoy's bodies and response flags (flags.py), keep the connection alive
 when the request was read whole, and close it otherwise. A bad request gets the codec's status
@@ -62,328 +68,61 @@ and a close; a client that stalls mid-head or mid-body gets 408. Upgrades: see u
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-import os
-import random
 import socket
 import time
-from collections.abc import Iterator, Mapping
-from functools import lru_cache
-from http import HTTPStatus
 from typing import Any
 
-from bus.logs import Log
-from dataplane.proxy import peer_metadata, routing, sockets, tls
-from dataplane.proxy.authz import DENIED_BODY
-from dataplane.proxy.blackhole import BLACKHOLE, HTTP_BODY, HTTP_STATUS
-from dataplane.proxy.cluster import CONNECT_FAILURE, RESET, TIMEOUT, Cluster, Endpoint
-from dataplane.proxy.flags import RBAC, SI
+from dataplane.proxy import peer_metadata, pump, routing, tls
+from dataplane.proxy.cluster import Endpoint
+from dataplane.proxy.flags import DI, SI
 from dataplane.proxy.flags import join as join_flags
-from dataplane.proxy.http import hopbyhop, target
+from dataplane.proxy.http import filters, hopbyhop, router, target
 from dataplane.proxy.http.codec import (
     CLOSED,
-    CONTINUE,
     NEED_DATA,
     Data,
     EndOfMessage,
     HTTPError,
     Request,
     RequestParser,
-    Response,
-    ResponseParser,
-    error_response,
-    last_chunk,
-    valid_field,
 )
+from dataplane.proxy.http.exchange import (
+    FRAME_AS_IS,
+    LocalReply,
+    asks_switch,
+    forward_fields,
+    forward_head,
+    keep_alive,
+    local_reply,
+    wants_continue,
+)
+from dataplane.proxy.http.forward import MAX_BUFFER, READ_SIZE, Forwarding
+from dataplane.proxy.http.mirror import mirror
 from dataplane.proxy.http.options import DEFAULT, HttpOptions
+from dataplane.proxy.http.policy import (
+    OVERFLOW_BODY,
+)
+from dataplane.proxy.http.router import Forward, Plan
+from dataplane.proxy.http.serialize import CONTINUE, error_response, last_chunk
+from dataplane.proxy.http.state import http_state, request_id
 from dataplane.proxy.http.tunnel import Tunnel
-from dataplane.proxy.http.upgrades import REFUSE, STRIP, stripped, verdict
-from dataplane.proxy.http.upstream import BLACKHOLED, OVERFLOW, PENDING, EndpointPool, UpstreamConn, Upstreams
+from dataplane.proxy.http.upstream import EndpointPool
 from dataplane.proxy.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
-from dataplane.proxy.stats import DESTINATION, SOURCE, Key, Workload
-from dataplane.proxy.tcp import PIPE_SIZE, give_pipe, take_pipe
+from dataplane.proxy.routing import HeaderOps
+from dataplane.proxy.stats import DESTINATION, SOURCE
 
-READ_SIZE = 65536
-MAX_BUFFER = 65536  # bytes held for a peer before the proxy stops reading the other side
 RETRY_BUFFER = 65536  # request bodies up to this size are kept for retries and mirrors
-SHADOW_TIMEOUT = 15.0  # a mirrored request without a route timeout gives up after this
 LINGER = 2.0  # a closing connection drops what the client still sends for this long, then closes
-SWEEP_INTERVAL = 1.0
-SPLICE_MIN = 128 * 1024  # a response body with at least this much left goes through a pipe
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-_splice = os.splice
-
 
 _MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _ENDING = EPOLLRDHUP | EPOLLHUP | EPOLLERR  # a FIN or reset waits behind the data: read until it shows
 
-_REQ_DROP = hopbyhop.REQUEST_DROP  # what a forwarded head never carries (hopbyhop.py says why)
-_RESP_DROP = hopbyhop.RESPONSE_DROP
 _PEER_MD = peer_metadata.HEADER
 
-# Envoy's local reply bodies
-NO_HEALTHY_UPSTREAM = b"no healthy upstream"
-RESET_BEFORE_HEADERS = b"upstream connect error or disconnect/reset before headers. reset reason: "
-TIMEOUT_BODY = b"upstream request timeout"
-FAULT_ABORT = b"fault filter abort"
 
-_FRAME_AS_IS, _FRAME_CHUNK, _FRAME_RAW, _FRAME_TUNNEL = 0, 1, 2, 3  # how a response body goes downstream
-_UNKNOWN_PEER = Workload()
-_audit_log = Log("proxy.authz")  # AUDIT policies' matches, one line each
-
-
-class _Headers(Mapping[str, str]):
-    """A request's fields as routing reads them (str names, repeated values joined with ","),
-    built on first use: most routes never look at a header."""
-
-    __slots__ = ("_fields", "_map")
-
-    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
-        self._fields = fields
-        self._map: dict[str, str] | None = None
-
-    def _dict(self) -> dict[str, str]:
-        m = self._map
-        if m is None:
-            m = self._map = {}
-            for name, value in self._fields:
-                k = name.decode("latin-1")
-                v = value.decode("latin-1")
-                m[k] = f"{m[k]},{v}" if k in m else v
-        return m
-
-    def __getitem__(self, name: str) -> str:
-        return self._dict()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._dict())
-
-    def __len__(self) -> int:
-        return len(self._dict())
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._dict().get(name, default)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._dict()
-
-
-class _Ops:
-    """Istio header operations compiled to bytes: drop `remove` (which includes the names `set`
-    replaces), then append `add` (set values first, then added ones, as Envoy orders them)."""
-
-    __slots__ = ("add", "remove")
-
-    def __init__(self, ops: routing.HeaderOps) -> None:
-        pairs = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in (*ops.set, *ops.add)]
-        self.add = [b": ".join(p) for p in pairs if valid_field(*p)]
-        self.remove = frozenset([*(n.encode("latin-1") for n in ops.remove),
-                                 *(n.encode("latin-1") for n, _ in ops.set)])
-
-    def apply(self, fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        return [f for f in fields if f[0] not in self.remove] if self.remove else fields
-
-    @staticmethod
-    def then(first: _Ops | None, second: _Ops | None) -> _Ops | None:
-        """`first` applied, then `second`, as one set of operations."""
-        if first is None or second is None:
-            return first or second
-        merged = _Ops.__new__(_Ops)
-        merged.remove = first.remove | second.remove
-        merged.add = [a for a in first.add if a.partition(b":")[0] not in second.remove] + second.add
-        return merged
-
-
-def _ops(ops: routing.HeaderOps) -> _Ops | None:
-    return _Ops(ops) if ops else None
-
-
-class _Plan:
-    """What a route (or an inbound cluster) decides for every request, computed once per config.
-
-    `simple`: no redirect, direct response, fault, mirror, rewrite, header operation or weighted
-    split, so the request goes to `cluster` untouched (but for retries and timeouts).
-    """
-
-    __slots__ = ("at_end", "cluster", "direct", "fault", "keys", "mirrors", "name", "plain", "redirect",
-                 "req_ops", "resp_ops", "retry", "retry_min", "rewrite", "route", "simple", "target",
-                 "target_key", "timeout", "try_timeout", "wc_ops")
-
-    def __init__(self, route: routing.Route | None, cluster: str | None, name: str) -> None:
-        self.route = route
-        self.name = name
-        self.keys: dict[str, Key] = {}
-        self.wc_ops: dict[str, tuple[_Ops | None, _Ops | None]] = {}
-        # a simple plan's cluster, resolved on first use (plans live as long as their snapshot)
-        self.target: Cluster | None = None
-        self.target_key: Key | None = None
-        self.plain = False  # the target needs no hash key and is no passthrough
-        if route is None:
-            self.cluster = cluster
-            self.redirect = self.direct = self.fault = self.rewrite = self.retry = None
-            self.req_ops = self.resp_ops = None
-            self.mirrors: tuple[routing.Mirror, ...] = ()
-            self.timeout = self.try_timeout = 0.0
-            self.retry_min = 600
-            self.simple = True
-            self.at_end = False
-            return
-        self.redirect = route.redirect
-        self.direct = route.direct_response
-        self.fault = route.fault
-        self.mirrors = route.mirrors
-        self.rewrite = route.rewrite
-        self.retry = retry = route.retry
-        self.timeout = route.timeout_ms / 1000
-        self.try_timeout = retry.per_try_timeout_ms / 1000 if retry is not None else 0.0
-        # the lowest status worth asking the policy about: a 200 then costs one comparison
-        self.retry_min = 600 if retry is None else next(
-            (s for s in range(100, 600) if retry.should_retry(0, s)), 600)
-        self.req_ops = _ops(route.request_headers)
-        self.resp_ops = _ops(route.response_headers)
-        for wc in route.clusters:
-            if wc.request_headers or wc.response_headers:
-                self.wc_ops[wc.name] = (_ops(wc.request_headers), _ops(wc.response_headers))
-        self.cluster = route.clusters[0].name if len(route.clusters) == 1 else None
-        self.simple = not (self.redirect or self.direct or self.fault or self.mirrors or self.rewrite
-                           or self.req_ops or self.resp_ops or self.wc_ops or self.cluster is None)
-        self.at_end = bool(self.timeout or self.try_timeout or self.mirrors)  # work at the request's end
-
-
-class HttpState:
-    """What the HttpConnections of one runtime share: upstream pools, per-route plans and stats
-    keys (rebuilt lazily after a config swap), the live connections and their once-a-second sweep
-    (idle keep-alive timeout, draining)."""
-
-    def __init__(self, runtime: Any) -> None:
-        self.runtime = runtime
-        self.reactor: Reactor = runtime.reactor
-        self.upstreams = Upstreams(self.reactor, runtime.stats)
-        self.connections: set[HttpConnection] = set()
-        self.snapshot: Any = None
-        self.plans: dict[Any, _Plan] = {}
-        self.keys: dict[tuple[str, str, str], Key] = {}
-        self.original: dict[tuple[str, int], Endpoint] = {}
-        self._sweeper: Timer | None = None
-        self.peers = peer_metadata.PeerCache()  # metadata exchange: the peers seen so far
-        self.md_local: Workload | None = None
-        self.md_lines = b""
-        self.md_fields: list[bytes] = []
-        self.own_metadata()  # now: a proxy id unfit for a header fails the worker's start, not a request
-
-    def own_metadata(self) -> bytes:
-        """Our metadata exchange header lines (outbound requests to the mesh; `md_fields` for inbound
-        replies), built once per Workload: a new connection picks up a changed one."""
-        local = self.runtime.stats.local
-        if local is not self.md_local:
-            self.md_local = local
-            self.md_lines = peer_metadata.header_lines(local, self.runtime.node_id)
-            self.md_fields = self.md_lines[:-2].split(b"\r\n")
-        return self.md_lines
-
-    def swap(self, snapshot: Any) -> None:
-        """A new config is in force: plans are rebuilt on demand, pools of gone endpoints closed."""
-        self.snapshot = snapshot
-        self.plans = {}
-        self.keys = {}
-        live = {ep for c in snapshot.clusters.values() for ep in c.endpoints}
-        live.update(self.original.values())
-        self.upstreams.prune(live)
-
-    def plan(self, route: routing.Route) -> _Plan:
-        plan = self.plans.get(route)
-        if plan is None:
-            plan = self.plans[route] = _Plan(route, None, route.name)
-        return plan
-
-    def inbound_plan(self, cluster: str) -> _Plan:
-        plan = self.plans.get(cluster)
-        if plan is None:
-            plan = self.plans[cluster] = _Plan(None, cluster, "inbound")
-        return plan
-
-    def key(self, reporter: str, route: str, cluster: Cluster | None) -> Key:
-        """The stats key of (route, cluster): the service is the cluster's (inbound: the service
-        the inbound listener serves on that port)."""
-        name = cluster.name if cluster is not None else ""
-        k = (reporter, route, name)
-        key = self.keys.get(k)
-        if key is None:
-            service = ""
-            if cluster is not None:
-                service = cluster.spec.get("service") or ""
-                if not service and reporter == DESTINATION:
-                    service = self._inbound_service(name)
-                service = service or name
-            key = self.keys[k] = self.runtime.stats.request_key(reporter, _UNKNOWN_PEER, service_host=service)
-        return key
-
-    def _inbound_service(self, cluster: str) -> str:
-        for listener in (self.snapshot.config.get("listeners") or {}).get("inbound") or ():
-            if listener.get("cluster") == cluster and listener.get("services"):
-                return listener["services"][0].get("service", "")
-        return ""
-
-    def original_endpoint(self, address: tuple[str, int]) -> Endpoint:
-        """The endpoint an ORIGINAL_DST (passthrough) cluster forwards to: where the client dialled."""
-        ep = self.original.get(address)
-        if ep is None:
-            ep = self.original[address] = Endpoint({"address": address[0], "port": address[1]})
-        return ep
-
-    def add(self, conn: HttpConnection) -> None:
-        self.connections.add(conn)
-        if self._sweeper is None:
-            self._sweeper = self.reactor.call_later(SWEEP_INTERVAL, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = self.reactor.now
-        draining = self.runtime.draining
-        for conn in list(self.connections):
-            conn._check_idle(now, draining)
-        if self.connections:
-            self._sweeper = self.reactor.call_later(SWEEP_INTERVAL, self._sweep)
-
-    def close_idle(self) -> None:
-        """Close every downstream connection between requests and every idle upstream one (drain)."""
-        for conn in list(self.connections):
-            if conn.req is None and conn.tunnel is None:
-                conn._close()
-        self.upstreams.close_all()
-
-
-def http_state(runtime: Any) -> HttpState:
-    """The runtime's shared L7 state, created on first use (kept as `runtime.http`)."""
-    state = getattr(runtime, "http", None)
-    if state is None:
-        state = runtime.http = HttpState(runtime)
-    return state
-
-
-def _reseed() -> None:
-    """A fresh random prefix for x-request-id: per process (re-drawn in forked workers)."""
-    global _rid_prefix, _rid_next
-    h = b"%020x" % random.SystemRandom().getrandbits(80)
-    _rid_prefix = b"%s-%s-4%s-%x%s-" % (h[:8], h[8:12], h[13:16], 8 | (h[16] & 3), h[17:20])
-    _rid_next = itertools.count(random.SystemRandom().getrandbits(40)).__next__
-
-
-_rid_prefix = b""
-_rid_next = itertools.count().__next__
-_reseed()
-os.register_at_fork(after_in_child=_reseed)
-
-
-def request_id() -> bytes:
-    """A UUID-shaped x-request-id (version 4 layout, as Envoy's): 74 random bits per process and a
-    48-bit counter, unique without a random draw per request."""
-    return b"%s%012x" % (_rid_prefix, _rid_next() & 0xFFFFFFFFFFFF)
-
-
-class HttpConnection:
+class HttpConnection(Forwarding):
     """One accepted downstream HTTP/1.1 connection, and the request it is serving.
 
     `direction` "outbound" routes by Host with `runtime.snapshot.routes[route_port]`; "inbound"
@@ -392,9 +131,9 @@ class HttpConnection:
     """
 
     __slots__ = (
-        "attempts", "body", "body_size", "c_auth", "c_plan", "c_snap", "closed", "closing", "cluster", "code",
-        "conn", "d_ending", "d_eof", "d_pending", "d_read", "d_readable", "d_write", "detail", "direction",
-        "ep", "ep_live", "fd",
+        "attempts", "authority", "body", "body_size", "c_auth", "c_plan", "c_snap", "chain", "closed",
+        "closing", "cluster", "code", "conn", "d_ending", "d_eof", "d_pending", "d_read", "d_readable",
+        "d_write", "detail", "direction", "ep", "ep_live", "fd",
         "flags", "hash_key", "hdict", "head", "head_timer", "in_pump",
         "inbound_cluster", "keep", "last", "linger_timer", "local", "local_str", "md", "md_out", "opts",
         "parser", "peer", "peer_md", "peer_str", "pipe", "piped", "plan", "pool_wait", "principal",
@@ -442,13 +181,14 @@ class HttpConnection:
         self.up_queued = 0
         self.up_hold = False
         self.snap = self.plan = self.skey = self.hdict = self.ep = None
-        self.rid = self.head = b""
+        self.rid = self.head = self.authority = b""
+        self.chain = filters.chain(direction)  # the per-request stages (filters.py)
         self.code = 0
         self.keep = False
         self.t0 = self.sent_at = self.wall0 = 0.0
         self.c_auth: bytes | None = None  # the last routing decision, for the next request alike
         self.c_snap: Any = None
-        self.c_plan: _Plan | None = None
+        self.c_plan: Plan | None = None
         self.rare = True
         self._reset()
         self.state.add(self)
@@ -478,8 +218,8 @@ class HttpConnection:
         self.tried: tuple[Endpoint, ...] = ()
         self.detail: str | None = None
         self.hash_key: str | None = None
-        self.resp_ops: _Ops | None = None
-        self.resp_frame = _FRAME_AS_IS
+        self.resp_ops: HeaderOps | None = None
+        self.resp_frame = FRAME_AS_IS
         self.route_timer: Timer | None = None
         self.try_timer: Timer | None = None
         self.wait_timer: Timer | None = None
@@ -556,7 +296,7 @@ class HttpConnection:
                         if self.head_timer is None and parser.buffered and timeout != math.inf:
                             self.head_timer = self.reactor.call_later(timeout, self._on_head_timeout)
                     elif ev is CLOSED:
-                        self._close()
+                        self.close()
                     return
                 if self.req_done or self.conn is None or self.up_queued >= MAX_BUFFER:
                     return
@@ -628,7 +368,7 @@ class HttpConnection:
             self._send_down(error_response(408, "request header timeout"))
             self._close_after_flush()
 
-    def _check_idle(self, now: float, draining: bool) -> None:
+    def check_idle(self, now: float, draining: bool) -> None:
         """The sweep: close a keep-alive connection idle too long (or any idle one when draining);
         end a request whose body stopped coming (no timer per request: `last` is the last read)."""
         if self.tunnel is not None:
@@ -644,7 +384,7 @@ class HttpConnection:
                     self._abort_downstream()
         elif not self.closing and self.head_timer is None and (
                 draining or now - self.last >= self.opts.idle_timeout):
-            self._close()
+            self.close()
 
     def _bad_request(self, err: HTTPError) -> None:
         """The codec refused the client's bytes: its status, then close."""
@@ -663,7 +403,7 @@ class HttpConnection:
         """The client reset or vanished: abandon the exchange (flag DC) and close."""
         if self.req is not None:
             self._flag("DC")
-        self._close()
+        self.close()
 
     def _close_after_flush(self) -> None:
         self.closing = True
@@ -677,7 +417,7 @@ class HttpConnection:
             return
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-        self.linger_timer = self.reactor.call_later(LINGER, self._close)
+        self.linger_timer = self.reactor.call_later(LINGER, self.close)
         self.reactor.set_callback(self.fd, self._on_linger)
         self._on_linger(EPOLLIN)
 
@@ -692,10 +432,10 @@ class HttpConnection:
             except OSError:
                 data = b""
             if not data:
-                self._close()
+                self.close()
                 return
 
-    def _close(self) -> None:
+    def close(self) -> None:
         """Close now; a request still in progress is accounted (with what flags it has) first."""
         if self.closed:
             return
@@ -719,40 +459,24 @@ class HttpConnection:
     # --- request ------------------------------------------------------------------------------
 
     def _on_head(self, req: Request) -> None:
-        """A request head: route it and start forwarding (or answer it locally)."""
+        """A request head: through the listener's filters (filters.py: peer metadata, upgrades,
+        authorization, the route), then forwarded, or answered locally."""
         rt = self.rt
-        snap = self.snap = rt.snapshot
-        target.normalize_request(req, snap.path_normalization)  # once, before authorization and routing
+        self.snap = rt.snapshot
+        target.normalize_request(req, self.snap.path_normalization)  # once, before authorization and routing
         self.req = req
         self.t0 = self.reactor.now
         if rt.access_log.enabled:
             self.wall0 = time.time()
-        hdict = self.hdict = dict(req.headers)
-        if self.md_out is None:
-            md = hdict.get(_PEER_MD)
-            if md is not None:
-                self.md = True
-                self.peer_md = self.state.peers.get(md)
-        if req.upgrade is not None or req.method == b"CONNECT":
-            allowed = verdict(req.method, req.upgrade, self.opts.upgrade_types)  # upgrades.py
-            if allowed == STRIP:
-                req = self.req = stripped(req, self.parser)
-            elif allowed == REFUSE:
-                self.rare = True  # _account resumes the paused parser: the connection goes on
-                self.skey = self.state.key(self.reporter, "", None)
-                self._local_reply(403)
+        self.hdict = dict(req.headers)
+        authority = self.authority = req.host or self.local_str.encode()
+        for stage in self.chain:
+            reply = stage(self)
+            if reply is not None:
+                self._reply(reply)
                 return
-        authority = req.host or self.local_str.encode()
-        if snap.authz.active and self.inbound_cluster is not None and not self._authorized(req, snap,
-                                                                                           authority):
-            return
-        if authority == self.c_auth and snap is self.c_snap:
-            plan = self.c_plan  # a keep-alive client asks the same host again: same route
-        else:
-            plan = self._plan(req, snap, authority)
-            if plan is None:
-                return
-        self.plan = plan
+        req = self.req  # an upgrade filter may have stripped it
+        plan = self.plan
         cluster = plan.target
         if cluster is None or not plan.plain or cluster.ejected or req.expect_continue:
             if plan.simple:
@@ -764,58 +488,23 @@ class HttpConnection:
         self.skey = plan.target_key
         if not cluster.pool.requests.try_acquire():
             self._flag("UO")
-            self._local_reply(503, RESET_BEFORE_HEADERS + b"overflow")
+            self._local_reply(503, OVERFLOW_BODY)
             return
         self.cluster = cluster
         self.head = self._request_head(req, req.target, authority, None)
         self._attempt(cluster.pick())
 
-    def _authorized(self, req: Request, snap: Any, authority: bytes) -> bool:
-        """The workload's AuthorizationPolicies (authz.py); False after answering Envoy's 403."""
-        decision = snap.authz.check_http(self.peer[0], self.principal, self.local[1],
-                                         req.method.decode("latin-1"), req.target.decode("latin-1"),
-                                         authority.decode("latin-1"), _Headers(req.headers))
-        if decision.audit:
-            _audit_log.info("audit", proxy=self.rt.node_id, policy=decision.audit, allowed=decision.allowed,
-                            source=self.peer_str, principal=self.principal or "-",
-                            method=req.method.decode("latin-1"), path=req.target.decode("latin-1"))
-        if decision.allowed:
-            return True
+    def _reply(self, reply: LocalReply) -> None:
+        """Answer a request a filter or the router stopped, under the stats key it names."""
         state = self.state
-        if snap is not state.snapshot:
-            state.swap(snap)
-        self.skey = state.key(self.reporter, "inbound", snap.clusters.get(self.inbound_cluster))
-        self._flag(RBAC)
-        self._local_reply(403, DENIED_BODY)
-        return False
+        if self.snap is not state.snapshot:
+            state.swap(self.snap)
+        self.skey = state.key(self.reporter, reply.route, reply.cluster)
+        for flag in reply.flags:
+            self._flag(flag)
+        self._local_reply(reply.status, reply.body, reply.fields)
 
-    def _plan(self, req: Request, snap: Any, authority: bytes) -> _Plan | None:
-        """Route by Host (and the route's conditions); None after answering 404 (no route)."""
-        state = self.state
-        if snap is not state.snapshot:
-            state.swap(snap)
-        if self.inbound_cluster is not None:
-            plan = state.inbound_plan(self.inbound_cluster)
-        else:
-            rc = snap.routes.get(self.route_port)
-            vh = rc.select_virtual_host(authority.decode("latin-1")) if rc is not None else None
-            if vh is not None and vh.routes and not vh.routes[0].conditions:
-                plan = state.plan(vh.routes[0])
-            else:  # no host, or a route that depends on more than the host: nothing to remember
-                self.c_snap = None
-                route = vh.match(self._routing_request(req, authority)) if vh is not None else None
-                if route is None:
-                    self.skey = state.key(self.reporter, "", None)
-                    self._flag("NR")
-                    self._local_reply(404)
-                    return None
-                return state.plan(route)
-        self.c_auth = authority
-        self.c_snap = snap
-        self.c_plan = plan
-        return plan
-
-    def _route_to(self, name: str, ops: _Ops | None, path: bytes, authority: bytes) -> None:
+    def _route_to(self, name: str, ops: HeaderOps | None, path: bytes, authority: bytes) -> None:
         """Resolve the cluster (and its stats key), take the request budget, build the upstream
         head, start the first try."""
         req = self.req
@@ -840,91 +529,47 @@ class HttpConnection:
             self.skey = plan.target_key
         if not cluster.pool.requests.try_acquire():
             self._flag("UO")
-            self._local_reply(503, RESET_BEFORE_HEADERS + b"overflow")
+            self._local_reply(503, OVERFLOW_BODY)
             return
         self.cluster = cluster  # from here on, _account releases the request budget
         if cluster.hash_policy is not None:
             self.rare = True
             self.hash_key = cluster.hash_policy.key(
-                _Headers(req.headers), self.peer[0], routing.parse_query(path.decode("latin-1")))
+                router.HeaderView(req.headers), self.peer[0], routing.parse_query(path.decode("latin-1")))
         self.head = self._request_head(req, path, authority, ops)
-        if req.expect_continue and (req.content_length or req.chunked):
+        if wants_continue(req):
             self._send_down(CONTINUE)  # Envoy's default: answer 100 here, not forward Expect
         self._attempt(None)
 
-    def _routing_request(self, req: Request, authority: bytes) -> routing.Request:
-        return routing.Request(req.method.decode("latin-1"), req.target.decode("latin-1"),
-                               authority.decode("latin-1"), _Headers(req.headers))
-
-    def _special(self, req: Request, plan: _Plan, authority: bytes) -> None:
-        """The slow path of routing: direct responses, redirects, faults, the weighted pick,
-        rewrites and header operations."""
-        rng = self.rt.rng
-        if plan.direct is not None:
-            self.skey = self.state.key(self.reporter, plan.name, None)
-            self._local_reply(plan.direct.status, plan.direct.body.encode())
-            return
-        if plan.redirect is not None:
-            self.skey = self.state.key(self.reporter, plan.name, None)
-            location = plan.redirect.location(self._routing_request(req, authority))
-            self._local_reply(plan.redirect.code, b"", [b"location: " + location.encode("latin-1")])
-            return
-        name = plan.route.pick_cluster(rng.random()).name
-        path = req.target
-        if plan.rewrite is not None:
-            path = plan.rewrite.path(path.decode("latin-1")).encode("latin-1")
-            if plan.rewrite.authority:
-                authority = plan.rewrite.authority.encode("latin-1")
-        wc_req, wc_resp = plan.wc_ops.get(name, (None, None))
+    def _special(self, req: Request, plan: Plan, authority: bytes) -> None:
+        """The slow path of routing (router.decide): direct responses, redirects, faults, the
+        weighted pick, rewrites and header operations."""
+        decision = router.decide(plan, req, authority, self.rt.rng, self.snap.clusters)
         self.rare = True
-        self.resp_ops = _Ops.then(wc_resp, plan.resp_ops)
-        ops = _Ops.then(wc_req, plan.req_ops)
-        if plan.fault is not None:
-            fault = plan.fault.decide(rng.random(), rng.random())
-            if fault.delay_ms:
-                self._flag("DI")
-            if fault.http_status is not None or fault.grpc_status is not None:
-                self.skey = self.state.key(self.reporter, plan.name, self.snap.clusters.get(name))
-                self._fault_abort(fault)
-                return
-            if fault.delay_ms:
-                self.wait_timer = self.reactor.call_later(
-                    fault.delay_ms / 1000, lambda: self._delayed(name, ops, path, authority))
-                return
-        self._route_to(name, ops, path, authority)
+        if decision.__class__ is LocalReply:
+            self._reply(decision)  # type: ignore[arg-type]
+            return
+        self.resp_ops = decision.resp_ops
+        if decision.delay_ms:
+            self._flag(DI)
+            self.wait_timer = self.reactor.call_later(decision.delay_ms / 1000,
+                                                      lambda: self._delayed(decision))
+            return
+        self._route_to(decision.cluster, decision.req_ops, decision.path, decision.authority)
 
-    def _delayed(self, name: str, ops: _Ops | None, path: bytes, authority: bytes) -> None:
+    def _delayed(self, decision: Forward) -> None:
         self.wait_timer = None
-        if self.req is not None and not self.closed:
-            self._route_to(name, ops, path, authority)
-
-    def _fault_abort(self, fault: routing.Fault) -> None:
-        self._flag("FI")
-        if fault.http_status is not None:
-            self._local_reply(fault.http_status, FAULT_ABORT)
+        if self.req is None or self.closed:
+            return
+        if decision.abort is not None:
+            self._reply(decision.abort)
         else:
-            self._local_reply(200, b"", [b"content-type: application/grpc",
-                                         b"grpc-status: %d" % fault.grpc_status,
-                                         b"grpc-message: fault filter abort"])
+            self._route_to(decision.cluster, decision.req_ops, decision.path, decision.authority)
 
-    def _request_head(self, req: Request, path: bytes, authority: bytes, ops: _Ops | None) -> bytes:
-        """The head sent upstream: hop-by-hop fields out, Envoy's x-forwarded-proto and
-        x-request-id in, framing as the body will be sent."""
+    def _request_head(self, req: Request, path: bytes, authority: bytes, ops: HeaderOps | None) -> bytes:
+        """The head sent upstream (exchange.py), with Envoy's x-forwarded-proto and x-request-id."""
         hdict = self.hdict
-        fields = req.headers
-        if req.connection and hopbyhop.nominates(req.connection):  # never framing or Host, though
-            drop = hopbyhop.drop_set(_REQ_DROP, req.connection)
-            fields = [f for f in fields if f[0] not in drop]
-        elif not _REQ_DROP.isdisjoint(hdict):
-            fields = [f for f in fields if f[0] not in _REQ_DROP]
-        if ops is not None:
-            fields = ops.apply(fields)
-        if authority is not req.host:
-            fields = [f for f in fields if f[0] != b"host"]
-            fields.append((b"host", authority))
-        lines = [b": ".join(f) for f in fields]
-        if ops is not None:
-            lines += ops.add
+        lines = forward_fields(req, hdict, ops, authority)
         if b"x-forwarded-proto" not in hdict:
             lines.append(b"x-forwarded-proto: http")
         rid = hdict.get(b"x-request-id")
@@ -932,14 +577,9 @@ class HttpConnection:
             rid = request_id()
             lines.append(b"x-request-id: " + rid)
         self.rid = rid
-        if req.chunked:
-            lines.append(b"transfer-encoding: chunked")
         if req.upgrade is not None or req.method == b"CONNECT":
-            self.rare = True  # the response may switch protocols: _framing and _resp_end look
-            if req.upgrade is not None:
-                lines.append(b"connection: upgrade")
-                lines.append(b"upgrade: " + req.upgrade)
-        return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (req.method, path, b"\r\n".join(lines))
+            self.rare = True  # the response may switch protocols: _response_head and _resp_end look
+        return forward_head(req, lines, path)
 
     def _on_body(self, data: bytes) -> None:
         n = len(data)
@@ -981,536 +621,19 @@ class HttpConnection:
         if plan.try_timeout and self.conn is not None and self.try_timer is None:
             self.try_timer = reactor.call_later(plan.try_timeout, self._on_try_timeout)
 
-    # --- upstream tries -------------------------------------------------------------------------
-
-    def _attempt(self, ep: Endpoint | None) -> None:
-        """Start a try on `ep` (None: pick one, avoiding earlier ones on retries), get a connection
-        (an idle one at once, else a new or a queued one), and send."""
-        cluster = self.cluster
-        if ep is None:
-            if cluster.original_destination:
-                ep = self.state.original_endpoint(self.local)
-            else:
-                if cluster.ejected:
-                    cluster.tick(self.reactor.now * 1000)
-                ep = cluster.pick(self.hash_key, self.tried)
-            if ep is None:
-                self._flag("UH")
-                self._local_reply(503, NO_HEALTHY_UPSTREAM)
-                return
-        pool = self.state.upstreams.pools.get(ep)
-        if pool is not None and pool.idle and pool.limits is cluster.pool:
-            conn = pool.idle.pop()
-            conn.owner = self
-        else:
-            ups = self.state.upstreams
-            pool = ups.pool(cluster, ep)
-            conn = ups.acquire(pool, self)
-            if conn is BLACKHOLED:  # the endpoint is this proxy's own listener
-                self.skey = self.rt.stats.request_key(self.reporter, _UNKNOWN_PEER, service_host=BLACKHOLE,
-                                                      service_name=BLACKHOLE)
-                self._flag("UH")
-                self._local_reply(HTTP_STATUS, HTTP_BODY)
-                return
-            if conn is OVERFLOW:
-                self._flag("UO")
-                self._local_reply(503, RESET_BEFORE_HEADERS + b"overflow")
-                return
-        cluster.start(ep)
-        self.ep = ep
-        self.ep_live = True
-        self.attempts += 1
-        if conn is PENDING:
-            self.rare = True
-            self.pool_wait = pool
-        else:
-            self._bind(conn)
-
-    def _retry_now(self) -> None:
-        self.wait_timer = None
-        if self.req is not None and not self.closed:
-            self._attempt(None)
-
-    def upstream_ready(self, conn: UpstreamConn) -> None:
-        """A pending try got its connection (from upstream.py)."""
-        self.pool_wait = None
-        self._bind(conn)
-
-    def _bind(self, conn: UpstreamConn) -> None:
-        """Send this try's head (and the body kept so far) on `conn`."""
-        req = self.req
-        self.conn = conn
-        self.up_got = self.up_readable = self.up_ending = False
-        conn.parser.request_sent(req.method)
-        head = self.head
-        if self.md_out is not None:
-            self.md = conn.pool.tls is not None  # in the mesh: tell it who we are (as Istio's sidecar)
-            if self.md:
-                head = head[:-2] + self.md_out + b"\r\n"
-        if self.attempts > 1:
-            head = head[:-2] + b"x-envoy-attempt-count: %d\r\n\r\n" % self.attempts
-        if self.body:
-            head = b"".join([head, *self.body])
-        self.sent_at = self.reactor.now
-        if conn.connected and self.in_pump and not self.req_done and (req.content_length or req.chunked):
-            self.reactor.set_callback(conn.fd, self.up_cb)
-            self.up_pending.append(head)  # sent when the pump has pulled what is here of the body
-            self.up_queued += len(head)
-            self.up_hold = True
-        elif conn.connected:
-            self.reactor.set_callback(conn.fd, self.up_cb)
-            self.up_pending.append(head)  # written after this event batch, as downstream writes are
-            self.up_queued += len(head)
-            self.reactor.call_soon(self._flush_up_batch)
-        else:
-            self.up_pending.append(head)
-            self.up_queued += len(head)
-        if self.req_done:
-            if self.plan.try_timeout and self.try_timer is None:
-                self.rare = True
-                self.try_timer = self.reactor.call_later(self.plan.try_timeout, self._on_try_timeout)
-        elif not self.in_pump:
-            self._resume_down()
-
-    def _flush_up_batch(self) -> None:
-        conn = self.conn
-        if conn is not None and conn.connected and self.up_pending and not self.closed:
-            self._flush_up()
-
-    def upstream_connected(self, conn: UpstreamConn) -> None:
-        self.reactor.set_callback(conn.fd, self.up_cb)
-        if self.up_pending:
-            self._flush_up()
-
-    def upstream_failed(self, conn: UpstreamConn, detail: str) -> None:
-        if conn is self.conn:
-            self.conn = None
-            self._try_failed(CONNECT_FAILURE, "UF", detail)
-
-    def _send_up(self, data: bytes) -> None:
-        conn = self.conn
-        if self.up_pending or not conn.connected:
-            self.up_pending.append(data)
-            self.up_queued += len(data)
-            return
-        try:
-            n = conn.write(data)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            self._up_write_failed()
-            return
-        if n < len(data):
-            self.up_pending.append(data[n:])
-            self.up_queued += len(data) - n
-
-    def _flush_up(self) -> None:
-        conn = self.conn
-        pending = self.up_pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        try:
-            n = conn.write(data)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._up_write_failed()
-            return
-        pending.clear()
-        if n < len(data):
-            pending.append(data[n:])
-            self.up_queued = len(data) - n
-            return
-        self.up_queued = 0
-        if not self.req_done:
-            self._resume_down()
-
-    def _up_write_failed(self) -> None:
-        """The server stopped reading: what it sent before (an early response, or its FIN/reset)
-        tells what happened, so read it."""
-        self.up_pending.clear()
-        self.up_queued = 0
-        self.up_readable = True
-        if not self.d_pending:
-            self._read_up()
-
-    def _on_up(self, mask: int) -> None:
-        if mask & EPOLLOUT and self.up_pending:
-            self._flush_up()
-        if mask & _IN and self.conn is not None:
-            if self.pipe is not None:
-                self._splice_body()
-                return
-            if mask & _ENDING:
-                self.up_ending = True
-            self.up_readable = True
-            if not self.d_pending:
-                self._read_up()
-
-    def _read_up(self) -> None:
-        """Read the upstream while the client takes what it sends (back-pressure otherwise)."""
-        conn = self.conn
-        read = conn.read
-        self.up_id = conn.peer_id
-        parser = conn.parser
-        while True:
-            try:
-                data = read(READ_SIZE)
-            except BlockingIOError:
-                self.up_readable = False
-                return
-            except OSError as e:
-                self.up_readable = False
-                self._up_broken(RESET, "UR", "upstream_" + sockets.errno_name(e.errno or 0))
-                return
-            if data:
-                self.up_got = True
-                if len(data) < READ_SIZE and not self.up_ending:
-                    self.up_readable = False
-                parser.feed(data)
-            else:
-                self.up_readable = False
-                parser.feed_eof()
-            if not self._pump_up(conn, not data) or not self.up_readable or self.d_pending:
-                return
-
-    def _pump_up(self, conn: UpstreamConn, eof: bool) -> bool:
-        """Turn the upstream's bytes into the client's; False when this try is over."""
-        next_event = conn.parser.next_event
-        out: list[bytes] = []
-        while True:
-            try:
-                ev = next_event()
-            except HTTPError as e:
-                if out:
-                    self._send_down(b"".join(out))
-                if eof and self.resp is not None:
-                    self._up_broken(RESET, "UC", "upstream_connection_termination")
-                else:
-                    self._up_broken(RESET, "UPE", "upstream_protocol_error: " + e.reason, protocol=True)
-                return False
-            cls = ev.__class__
-            if cls is Data:
-                data = ev.data
-                self.resp_bytes += len(data)
-                out.append(data if self.resp_frame != _FRAME_CHUNK else b"%x\r\n%s\r\n" % (len(data), data))
-            elif cls is Response:
-                if ev.status == 101 and self.req.upgrade is None and self.req.method != b"CONNECT":
-                    self._up_broken(RESET, "UPE", "upstream_protocol_error: unrequested 101", protocol=True)
-                    return False  # a switch nobody asked for (upgrades.py)
-                if ev.status >= 200 or ev.status == 101:  # 100 Continue was answered here; other 1xx dropped
-                    head = self._response_head(ev)
-                    if head is None:
-                        return False  # retried
-                    out.append(head)
-            elif cls is EndOfMessage:
-                if self.resp_frame == _FRAME_CHUNK:
-                    out.append(last_chunk(hopbyhop.trailers(ev.trailers, self.resp.connection)
-                                          if ev.trailers else ()))
-                if out:
-                    self._send_down(out[0] if len(out) == 1 else b"".join(out))
-                if not self.closed:
-                    self._resp_end(conn)
-                return False
-            elif ev is NEED_DATA:
-                break
-            else:  # CLOSED: the server closed with no response on this try
-                self._up_broken(RESET, "UC", "upstream_connection_termination")
-                return False
-        if out:
-            self._send_down(out[0] if len(out) == 1 else b"".join(out))
-        resp = self.resp
-        if (resp is not None and resp.content_length is not None
-                and resp.content_length - self.resp_bytes >= SPLICE_MIN and self._write_pending()):
-            return not self._start_splice(conn, resp.content_length - self.resp_bytes)  # behind the head
-        return not self.closed
-
-    def _start_splice(self, conn: UpstreamConn, left: int) -> bool:
-        """Move the rest of a large Content-Length body socket to socket through a pipe (no copy
-        through Python); True when switched. The codec never sees those bytes, so the connection
-        gets a fresh parser: nothing else is pending on it (requests are not pipelined upstream)."""
-        if self.resp_frame != _FRAME_AS_IS or conn.parser.buffered or self.closed:
-            return False
-        if tls.is_tls(conn.sock) or tls.is_tls(self.sock):
-            return False  # TLS bytes go through OpenSSL, not a pipe
-        pipe = take_pipe()
-        if pipe is None:
-            return False
-        self.rare = True
-        self.pipe = pipe
-        self.splice_left = left
-        conn.parser = ResponseParser()
-        self._splice_body()
-        return True
-
-    def _splice_body(self) -> None:
-        """Upstream -> pipe -> client until the body is through; waits on whichever side is not ready."""
-        r, w = self.pipe
-        conn = self.conn
-        while True:
-            if self.piped:
-                try:
-                    n = _splice(r, self.fd, self.piped, None, None, _SPLICE_FLAGS)
-                except BlockingIOError:
-                    return  # the client is full: its EPOLLOUT edge resumes
-                except OSError as e:
-                    self._down_broken(e)
-                    return
-                self.piped -= n
-                if self.piped:
-                    return
-            left = self.splice_left
-            if not left:
-                break
-            try:
-                n = _splice(conn.fd, w, min(left, PIPE_SIZE), None, None, _SPLICE_FLAGS)
-            except BlockingIOError:
-                return  # drained: the upstream's next EPOLLIN edge resumes
-            except OSError as e:
-                self._up_broken(RESET, "UR", "upstream_" + sockets.errno_name(e.errno or 0))
-                return
-            if not n:
-                self._up_broken(RESET, "UC", "upstream_connection_termination")
-                return
-            self.splice_left = left - n
-            self.piped += n
-            self.resp_bytes += n
-        give_pipe(self.pipe, True)
-        self.pipe = None
-        self._resp_end(conn)
-
-    def _response_head(self, resp: Response) -> bytes | None:
-        """The head sent downstream: hop-by-hop fields out, framing redone for the client,
-        x-envoy-upstream-service-time in. None: the status earned a retry instead."""
-        status = resp.status
-        plan = self.plan
-        if self.rare and self.try_timer is not None:
-            self.try_timer.cancel()
-            self.try_timer = None
-        if status >= plan.retry_min and self._retry_allowed(status, None):
-            self._report(status=status)
-            self._drop_upstream()
-            self._schedule_retry()
-            return None
-        self.resp = resp
-        self.code = status
-        req = self.req
-        drop = hopbyhop.drop_set(_RESP_DROP, resp.connection) \
-            if resp.connection and hopbyhop.nominates(resp.connection) else _RESP_DROP
-        fields = resp.headers
-        if self.md and self.md_out is not None:
-            for name, value in fields:  # outbound to the mesh: the server's metadata, if it sent any
-                if name == _PEER_MD:
-                    self.peer_md = self.state.peers.get(value)
-        ops = self.resp_ops
-        if ops is not None:
-            fields = ops.apply(fields)
-        lines = [b": ".join(f) for f in fields if f[0] not in drop]
-        if ops is not None:
-            lines += ops.add
-        if self.md and self.md_out is None:
-            lines += self.state.md_fields  # inbound: answer the peer's metadata with ours
-        lines.append(b"x-envoy-upstream-service-time: %d" % ((self.reactor.now - self.sent_at) * 1000))
-        if self.attempts > 1:
-            lines.append(b"x-envoy-attempt-count: %d" % self.attempts)
-        keep = req.keep_alive and self.req_done and not self.rt.draining
-        if resp.content_length is None or status == 101 or self.rare:
-            keep = self._framing(resp, req, lines, keep)
-        if not keep:
-            lines.append(b"connection: close")
-        elif req.version == b"1.0":
-            lines.append(b"connection: keep-alive")
-        self.keep = keep
-        head = b"HTTP/1.1 %d %s\r\n%s\r\n\r\n" % (status, resp.reason, b"\r\n".join(lines))
-        self.resp_head = len(head)
-        return head
-
-    def _framing(self, resp: Response, req: Request, lines: list[bytes], keep: bool) -> bool:
-        """How the body reaches the client when the upstream did not give a Content-Length (or
-        switched protocols); returns whether the connection stays open after it."""
-        status = resp.status
-        self.rare = True
-        if status == 101 or (status < 300 and req.method == b"CONNECT"):
-            self.resp_frame = _FRAME_TUNNEL
-            lines.append(b"connection: upgrade")
-            if resp.upgrade is not None:
-                lines.append(b"upgrade: " + resp.upgrade)
-            return True
-        if resp.content_length is not None:
-            return keep
-        if req.method == b"HEAD" or status == 204 or status == 304:
-            if resp.chunked:
-                lines.append(b"transfer-encoding: chunked")
-            return keep
-        if req.version == b"1.1":
-            self.resp_frame = _FRAME_CHUNK  # chunked upstream, or read-until-close: chunked for the client
-            lines.append(b"transfer-encoding: chunked")
-            return keep
-        self.resp_frame = _FRAME_RAW  # an HTTP/1.0 client: the end of the body is our close
-        return False
-
-    def _resp_end(self, conn: UpstreamConn) -> None:
-        """The response is complete: give the connection back (or tunnel), account, go on."""
-        self.conn = None
-        if self.rare:
-            if self.try_timer is not None:
-                self.try_timer.cancel()
-                self.try_timer = None
-            if self.resp_frame == _FRAME_TUNNEL:
-                self._report(status=self.code)
-                if self.req_done and (self.req.upgrade is not None or self.req.method == b"CONNECT"):
-                    self.tunnel = Tunnel(self, conn, READ_SIZE)
-                else:  # switched when nothing asked for it, or before the request ended
-                    self.state.upstreams.close(conn)
-                    self._abort_downstream()
-                return
-        self._report(self.code)
-        self.state.upstreams.release(conn, self.resp.keep_alive and self.req_done and not self.up_pending)
-        self.resp_done = True
-        if not self.keep:
-            self.closing = True
-        self._finish()
-
-    def _report(self, status: int | None = None, failure: str | None = None) -> None:
-        """End the try for the cluster in force (the endpoint is the same object if it survived
-        a swap), for least-request balancing and outlier detection."""
-        if not self.ep_live:
-            return
-        self.ep_live = False
-        cluster = self.cluster
-        snap = self.rt.snapshot
-        if snap is not self.snap:
-            cluster = snap.clusters.get(cluster.name, cluster)
-        cluster.finish(self.ep, self.reactor.now * 1000, status, failure)
-
-    def _drop_upstream(self, report: bool = False) -> None:
-        """Close this try's connection (mid-exchange it cannot be reused) or leave the queue."""
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            self.state.upstreams.close(conn)
-        if self.pool_wait is not None:
-            self.state.upstreams.cancel(self.pool_wait, self)
-            self.pool_wait = None
-        self.up_pending.clear()
-        self.up_queued = 0
-        if report:
-            self._report()
-
-    def _up_broken(self, failure: str, flag: str, detail: str, protocol: bool = False) -> None:
-        """The connection failed (reset, EOF, protocol error) before the response was complete."""
-        if self.resp is not None:  # mid-response: the client's response cannot be completed
-            self._flag(flag, detail)
-            self._drop_upstream()
-            self._report(failure=failure)
-            self._abort_downstream()
-        elif protocol:
-            self._flag(flag, detail)
-            self._drop_upstream()
-            self._report(status=502)
-            self._local_reply(502, RESET_BEFORE_HEADERS + b"protocol error")
-        else:
-            self._try_failed(failure, flag, detail)
-
-    def _try_failed(self, failure: str, flag: str, detail: str) -> None:
-        """A try ended without a response: retry (the keep-alive race, or the policy) or answer."""
-        conn = self.conn
-        reused = conn is not None and conn.reused and not self.up_got
-        self._drop_upstream()
-        self.rare = True
-        if self.try_timer is not None:
-            self.try_timer.cancel()
-            self.try_timer = None
-        self._report(failure=failure)
-        self.detail = detail
-        if reused and not self.race_retried and self.body is not None and failure == RESET:
-            self.race_retried = True  # the server closed a kept-alive connection as we sent: once more
-            self.attempts -= 1  # not a retry: the request never reached the server
-            self._attempt(None)
-            return
-        if self._retry_allowed(None, failure):
-            self._schedule_retry()
-            return
-        self._flag(flag)
-        if failure == TIMEOUT:
-            self._local_reply(504, TIMEOUT_BODY)
-        elif failure == CONNECT_FAILURE:
-            self._local_reply(503, RESET_BEFORE_HEADERS + b"connection failure, transport failure reason: "
-                              + detail.encode())
-        else:
-            self._local_reply(503, RESET_BEFORE_HEADERS + b"connection termination")
-
-    def _retry_allowed(self, status: int | None, failure: str | None) -> bool:
-        retry = self.plan.retry
-        if retry is None or self.body is None:
-            return False
-        if not retry.should_retry(self.retries, status, failure):
-            if self.retries and self.retries >= retry.attempts and retry.should_retry(0, status, failure):
-                self._flag("URX")
-            return False
-        if not self.retry_held:
-            if not self.cluster.pool.retries.try_acquire():
-                self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_retry_overflow"))
-                return False
-            self.rare = True
-            self.retry_held = 1
-        return True
-
-    def _schedule_retry(self) -> None:
-        self.rare = True
-        self.retries += 1
-        self.tried += (self.ep,)
-        self.resp = None
-        self.code = 0
-        self.resp_bytes = self.resp_head = 0
-        self.resp_frame = _FRAME_AS_IS
-        self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_retry"))
-        delay = self.plan.retry.backoff_ms(self.retries, self.rt.rng.random())
-        self.wait_timer = self.reactor.call_later(delay / 1000, self._retry_now)
-
-    def _on_try_timeout(self) -> None:
-        self.try_timer = None
-        if self.req is not None and self.conn is not None and self.resp is None:
-            self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_per_try_timeout"))
-            self._try_failed(TIMEOUT, "UT", "per_try_timeout")
-
-    def _on_route_timeout(self) -> None:
-        self.route_timer = None
-        if self.req is None or self.resp_done:
-            return
-        self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_timeout"))
-        self._flag("UT")
-        self._drop_upstream()
-        self._report(failure=TIMEOUT)
-        if self.wait_timer is not None:
-            self.wait_timer.cancel()
-            self.wait_timer = None
-        if self.resp is not None:
-            self._abort_downstream()
-        else:
-            self._local_reply(504, TIMEOUT_BODY)
-
     # --- endings ---------------------------------------------------------------------------------
 
-    def _local_reply(self, status: int, body: bytes = b"", fields: list[bytes] | None = None,
+    def _local_reply(self, status: int, body: bytes = b"", fields: tuple[bytes, ...] | list[bytes] = (),
                      close: bool = False) -> None:
         """Answer the current request from the proxy (no upstream response was or will be sent)."""
         self.code = status
         req = self.req
         if not self.req_done and not close:
             self._skip_body()
-        keep = req.keep_alive and self.req_done and not close and not self.rt.draining
-        lines = [b"content-length: %d" % len(body)]
-        if body:
-            lines.append(b"content-type: text/plain")
-        if fields:
-            lines += fields
+        keep = not close and keep_alive(req, self.req_done, self.rt.draining)
         if self.md and self.md_out is None:
-            lines += self.state.md_fields
-        if not keep:
-            lines.append(b"connection: close")
-        elif req.version == b"1.0":
-            lines.append(b"connection: keep-alive")
-        data = b"HTTP/1.1 %d %s\r\n%s\r\n\r\n%s" % (status, _reason(status), b"\r\n".join(lines), body)
+            fields = [*fields, *self.state.md_fields]
+        data = local_reply(status, body, fields, keep, req.version)
         self.resp_head = len(data) - len(body)
         self.resp_bytes = len(body)
         self.resp_done = True
@@ -1540,7 +663,7 @@ class HttpConnection:
     def _abort_downstream(self) -> None:
         """The response cannot be completed: account and close the client's connection."""
         self._account()
-        self._close()
+        self.close()
 
     def _finish(self) -> None:
         """The exchange is over: account, then serve the next (pipelined) request or close."""
@@ -1561,11 +684,11 @@ class HttpConnection:
         if self.rare:
             self._cancel_timers()
             if self.pipe is not None:  # a body abandoned halfway through the pipe
-                give_pipe(self.pipe, not self.piped)
+                pump.give_pipe(self.pipe, not self.piped)
                 self.pipe = None
             if self.retry_held:
                 self.cluster.pool.retries.release()
-            if req.upgrade is not None or req.method == b"CONNECT":
+            if asks_switch(req):
                 with contextlib.suppress(RuntimeError):
                     self.parser.resume()  # the upgrade was refused (or failed): HTTP goes on
         if self.conn is not None or self.ep_live or self.pool_wait is not None:
@@ -1614,133 +737,8 @@ class HttpConnection:
                 timer.cancel()
         self.route_timer = self.try_timer = self.wait_timer = None
 
-    # --- mirrors ---------------------------------------------------------------------------------
-
     def _mirror(self) -> None:
-        """Fire-and-forget copies to the route's sampled mirrors, Host suffixed with -shadow."""
-        rng = self.rt.rng
-        for mirror in self.plan.mirrors:
-            if not mirror.sampled(rng.random()):
-                continue
-            cluster = self.snap.clusters.get(mirror.cluster)
-            if cluster is None:
-                continue
-            _Shadow(self.state, cluster, self.req.method, b"".join([_shadow_head(self.head), *self.body]),
-                    self.plan.timeout or SHADOW_TIMEOUT)
-
-
-@lru_cache(maxsize=64)
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def _shadow_head(head: bytes) -> bytes:
-    """`head` with its Host value suffixed "-shadow" (before a port), as Envoy's mirror policy does."""
-    start = head.find(b"\r\nhost: ") + 8
-    end = head.find(b"\r\n", start)
-    host = head[start:end]
-    name, colon, port = host.rpartition(b":")
-    shadow = name + b"-shadow:" + port if colon and port.isdigit() else host + b"-shadow"
-    return head[:start] + shadow + head[end:]
-
-
-class _Shadow:
-    """One mirrored request: sent on the mirror cluster's pool, its response read and dropped."""
-
-    __slots__ = ("cluster", "conn", "data", "ep", "keep", "method", "state", "timer")
-
-    def __init__(self, state: HttpState, cluster: Cluster, method: bytes, data: bytes,
-                 timeout: float) -> None:
-        self.state = state
-        self.cluster = cluster
-        self.method = method
-        self.data = data
-        self.conn: UpstreamConn | None = None
-        self.timer: Timer | None = None
-        self.keep = False
-        self.ep = ep = cluster.pick()
-        if ep is None:
-            return
-        ups = state.upstreams
-        pool = ups.pool(cluster, ep)
-        conn = ups.acquire(pool, self)
-        if conn is PENDING:  # a mirror never waits for a connection
-            ups.cancel(pool, self)
-        if isinstance(conn, str):  # PENDING, OVERFLOW or BLACKHOLED
-            self.ep = None
-            return
-        cluster.start(ep)
-        self.timer = state.reactor.call_later(timeout, lambda: self._done(TIMEOUT))
-        self.upstream_ready(conn)
-
-    def upstream_ready(self, conn: UpstreamConn) -> None:
-        self.conn = conn
-        conn.parser.request_sent(self.method)
-        if conn.connected:
-            self.upstream_connected(conn)
-
-    def upstream_connected(self, conn: UpstreamConn) -> None:
-        self.state.reactor.set_callback(conn.fd, self._on_event)
-        try:
-            n = conn.write(self.data)
-        except OSError:
-            n = -1
-        if n != len(self.data):  # best effort: no buffering for a slow mirror
-            self._done(RESET)
-
-    def upstream_failed(self, conn: UpstreamConn, detail: str) -> None:
-        self.conn = None
-        self._done(CONNECT_FAILURE)
-
-    def _on_event(self, mask: int) -> None:
-        conn = self.conn
-        if conn is None or not mask & _IN:
-            return
-        parser = conn.parser
-        while self.conn is not None:
-            try:
-                data = conn.read(READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if data:
-                parser.feed(data)
-            else:
-                parser.feed_eof()
-            try:
-                while True:
-                    ev = parser.next_event()
-                    if ev.__class__ is Response:
-                        self.keep = ev.keep_alive
-                    elif ev.__class__ is EndOfMessage:
-                        self._done(None)
-                        return
-                    elif ev is NEED_DATA:
-                        break
-                    elif ev is CLOSED:
-                        self._done(RESET)
-                        return
-            except HTTPError:
-                self._done(RESET)
-                return
-            if not data:
-                return
-
-    def _done(self, failure: str | None) -> None:
-        conn, self.conn = self.conn, None
-        ups = self.state.upstreams
-        if conn is not None:
-            if failure is None:
-                ups.release(conn, self.keep)
-            else:
-                ups.close(conn)
-        if self.ep is not None:
-            self.cluster.finish(self.ep, self.state.reactor.now * 1000, failure=failure)
-            self.ep = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """Fire-and-forget copies to the route's sampled mirrors (mirror.py)."""
+        plan = self.plan
+        mirror(self.state, plan.mirrors, self.snap.clusters, self.rt.rng, self.req.method, self.head,
+               self.body, plan.timeout)

@@ -106,7 +106,7 @@ class Tunnel:
         owner.resp_bytes += self.up.moved
         owner.resp_done = True
         owner._account()
-        owner._close()  # closes self.conn too
+        owner.close()  # closes self.conn too
 
 
 class Way:
