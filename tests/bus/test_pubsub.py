@@ -106,14 +106,19 @@ def test_a_subscriber_past_its_high_water_mark_recovers_without_blocking_anyone(
     slow = subscriber(slow_loop, keydir, pub, name="proxy-b", hwm=100)
     assert fast.wait_ready(5) and slow.wait_ready(5)
     resyncs = slow.resyncs
-    slow_loop.call_soon_threadsafe(lambda: time.sleep(1.5))  # the slow one stops reading
-    started = time.monotonic()
+    # The slow one stops reading until the publisher is done: a sleep of fixed length let a loaded
+    # machine's slow publisher finish after the subscriber woke, so nothing overflowed.
+    release = threading.Event()
+    released: list[bool] = []
+    slow_loop.call_soon_threadsafe(lambda: released.append(release.wait(60)))
     for i in range(3000):
         pub.set("cfg/n", i)
         pub.set(f"cfg/k{i % 50}", {"i": i, "pad": "x" * 2000})  # ~12 MB: past every buffer and HWM
         if i % 500 == 499:
-            wait_for(lambda i=i: fast_seen and fast_seen[-1] == i, timeout=5)
-    assert time.monotonic() - started < 1.5 + 5, "the publisher was held up"
+            assert wait_for(lambda i=i: fast_seen and fast_seen[-1] == i, timeout=10)
+    release.set()
+    # had the stuck subscriber held the publisher up, the loop above would have outlasted the wait
+    assert wait_for(lambda: released == [True], timeout=10), "the publisher was held up"
     assert wait_for(lambda: len(fast_seen) == 3000, timeout=10)
     assert fast_seen == list(range(3000))  # the fast subscriber lost nothing
     final = pub.loop.call_sync(lambda: {k: e.value() for k, e in pub.store.entries.items()})
