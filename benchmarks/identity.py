@@ -43,8 +43,17 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from benchmarks import identity_ca  # noqa: E402
-from benchmarks.proxy_l4 import Procs, Run, ensure_tools, free_port, start_nginx, wait_listening, wrk  # noqa: E402
-from benchmarks.proxy_l7 import MESHCTL, client_config, server_config  # noqa: E402
+from benchmarks.proxy_l4 import (  # noqa: E402
+    MESHCTL,
+    Procs,
+    Run,
+    ensure_tools,
+    free_port,
+    start_nginx,
+    wait_listening,
+    wrk,
+)
+from benchmarks.proxy_l7 import client_config, server_config  # noqa: E402
 from bus import keys  # noqa: E402
 
 TD = "cluster.local"

@@ -4,8 +4,9 @@ wrk (`-t1 -c32`, keep-alive HTTP/1.1) drives, for a 19-byte body and a 1 MiB bod
 
 * direct:       wrk -> nginx (the floor every proxy adds to);
 * haproxy:      wrk -> HAProxy `mode tcp` (Debian's build, default threads) -> nginx;
-* zmesh-1w/2w:  wrk -> `python -m dataplane.proxy.l4` with 1 / 2 SO_REUSEPORT workers -> nginx;
-* zmesh-1w-copy: one worker with splice off, the measurement behind tcp.py's copy/splice choice.
+* zmesh-1w/2w:  wrk -> `meshctl proxy --mode explicit` with 1 / 2 SO_REUSEPORT workers: a loopback
+                TCP listener for the service port forwarding at L4 to an nginx cluster;
+* zmesh-1w-copy: one worker with `--no-splice`, the measurement behind tcp.py's copy/splice choice.
 
 Per run: req/s, p50/p99 from `wrk --latency`, the proxy's CPU µs per request (psutil, all
 of its processes), its RSS, and ratios to direct and to HAProxy on the same body. Goals:
@@ -32,6 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -164,15 +166,61 @@ backend be
     return port, proc
 
 
+MESHCTL = Path(sys.executable).with_name("meshctl")
+SERVICE = "nginx.default.svc.cluster.local"
+TCP_CLUSTER = f"outbound|80||{SERVICE}"
+POOL = {"tcp": {"connect_timeout_ms": 10000}}
+
+
+def endpoint(port: int) -> dict[str, Any]:
+    """One plain-text endpoint on 127.0.0.1, as pilot sends it."""
+    return {"address": "127.0.0.1", "port": port, "weight": 1, "locality": "", "healthy": True, "labels": {},
+            "service_account": "", "tls_mode": "disabled"}
+
+
+def listeners(inbound: list[dict[str, Any]], outbound: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"outbound_traffic_policy": "ALLOW_ANY", "outbound": outbound, "inbound": inbound}
+
+
+def tcp_config(upstream_port: int, service_port: int) -> dict[str, Any]:
+    """What pilot sends a client sidecar for one TCP service port: in explicit mode the sidecar
+    listens on 127.0.0.1:`service_port` and forwards every connection to the cluster at L4."""
+    listener = {"name": f"{SERVICE}_{service_port}", "service": SERVICE, "addresses": [],
+                "port": service_port, "protocol": "TCP",
+                "tcp_routes": [{"match": {}, "clusters": [{"name": TCP_CLUSTER, "weight": 100}]}]}
+    cluster = {"name": TCP_CLUSTER, "direction": "outbound", "type": "EDS", "service": SERVICE, "port": 80,
+               "connection_pool": POOL}
+    return {"version": "bench", "listeners": listeners([], [listener]), "routes": {},
+            "clusters": {TCP_CLUSTER: cluster}, "endpoints": {TCP_CLUSTER: [endpoint(upstream_port)]}}
+
+
+def start_sidecar(procs: Procs, tmp: Path, config: dict[str, Any], workers: int, label: str,
+                  access_log: bool, listen_port: int, checkout: Path | None = None,
+                  extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`meshctl proxy --mode explicit` from a config file (with `checkout`'s code when given, and
+    `extra` arguments); waits until `listen_port` accepts."""
+    path = tmp / f"{label}.json"
+    path.write_text(json.dumps(config))
+    args = [str(MESHCTL), "proxy", "--id", f"bench-{label}", "--labels", f"app={label}", "--config",
+            str(path),
+            "--mode", "explicit", "--workers", str(workers), "--inbound-port", str(free_port()),
+            "--admin-port", str(free_port()), "--stats-port", str(free_port()),
+            "--access-log" if access_log else "--no-access-log", *extra]
+    if label.endswith("server"):  # its one inbound listener stands on --inbound-port in explicit mode
+        args[args.index("--inbound-port") + 1] = str(listen_port)
+    env = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
+    proc = procs.start(args, Path("/dev/null") if access_log else tmp / f"{label}.out", env)
+    wait_listening(listen_port, proc)
+    return proc
+
+
 def start_zmesh(procs: Procs, tmp: Path, backend: int, workers: int,
                 splice: bool) -> tuple[int, subprocess.Popen]:
+    """`meshctl proxy` with an explicit TCP listener in front of nginx (no access log, as HAProxy)."""
     port = free_port()
-    args = [sys.executable, "-m", "dataplane.proxy.l4", "--listen", f"127.0.0.1:{port}",
-            "--upstream", f"127.0.0.1:{backend}", "--workers", str(workers)]
-    if not splice:
-        args.append("--no-splice")
-    proc = procs.start(args, tmp / f"zmesh-{workers}-{splice}.out")
-    wait_listening(port, proc)
+    label = f"zmesh-{workers}w" + ("" if splice else "-copy")
+    proc = start_sidecar(procs, tmp, tcp_config(backend, port), workers, label, False, port,
+                         extra=() if splice else ("--no-splice",))
     return port, proc
 
 

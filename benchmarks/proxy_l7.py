@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -52,14 +51,19 @@ sys.path.insert(0, str(ROOT))
 
 
 from benchmarks.proxy_l4 import (  # noqa: E402
+    POOL,
+    SERVICE,
     Procs,
     Run,
+    endpoint,
     ensure_tools,
     fmt,
     free_port,
+    listeners,
     parse_wrk,
     report,
     start_nginx,
+    start_sidecar,
     wait_listening,
     wrk_round,
 )
@@ -98,18 +102,6 @@ backend be
     return port, proc
 
 
-def _endpoint(port: int) -> dict[str, Any]:
-    return {"address": "127.0.0.1", "port": port, "weight": 1, "locality": "", "healthy": True, "labels": {},
-            "service_account": "", "tls_mode": "disabled"}
-
-
-def _listeners(inbound: list[dict[str, Any]], outbound: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"outbound_traffic_policy": "ALLOW_ANY", "outbound": outbound, "inbound": inbound}
-
-
-MESHCTL = Path(sys.executable).with_name("meshctl")
-SERVICE = "nginx.default.svc.cluster.local"
-POOL = {"tcp": {"connect_timeout_ms": 10000}}
 DEFAULT_RETRIES = {"attempts": 2, "per_try_timeout_ms": 0, "retriable_status_codes": [503],
                    "retry_on": ["connect-failure", "refused-stream", "unavailable", "cancelled",
                                 "retriable-status-codes"]}
@@ -125,9 +117,9 @@ def client_config(upstream_port: int, service_port: int) -> dict[str, Any]:
                "connection_pool": POOL}
     listener = {"name": f"{SERVICE}_{service_port}", "service": SERVICE, "addresses": [],
                 "port": service_port, "protocol": "HTTP", "route_config": "80"}
-    return {"version": "bench", "listeners": _listeners([], [listener]),
+    return {"version": "bench", "listeners": listeners([], [listener]),
             "routes": {"80": {"name": "80", "virtual_hosts": [vhost]}},
-            "clusters": {CLUSTER: cluster}, "endpoints": {CLUSTER: [_endpoint(upstream_port)]}}
+            "clusters": {CLUSTER: cluster}, "endpoints": {CLUSTER: [endpoint(upstream_port)]}}
 
 
 def server_config(app_port: int) -> tuple[dict[str, Any], str]:
@@ -137,27 +129,8 @@ def server_config(app_port: int) -> tuple[dict[str, Any], str]:
                 "cluster": name, "services": [{"service": SERVICE, "port": 80}]}
     cluster = {"name": name, "direction": "inbound", "port": app_port, "type": "STATIC",
                "connection_pool": POOL}
-    return {"version": "bench", "listeners": _listeners([listener], []), "routes": {},
-            "clusters": {name: cluster}, "endpoints": {name: [_endpoint(app_port)]}}, name
-
-
-def start_sidecar(procs: Procs, tmp: Path, config: dict[str, Any], workers: int, label: str,
-                  access_log: bool, listen_port: int, checkout: Path | None = None) -> subprocess.Popen:
-    """`meshctl proxy --mode explicit` from a config file (with `checkout`'s code when given); waits
-    until `listen_port` accepts."""
-    path = tmp / f"{label}.json"
-    path.write_text(json.dumps(config))
-    args = [str(MESHCTL), "proxy", "--id", f"bench-{label}", "--labels", f"app={label}", "--config",
-            str(path),
-            "--mode", "explicit", "--workers", str(workers), "--inbound-port", str(free_port()),
-            "--admin-port", str(free_port()), "--stats-port", str(free_port()),
-            "--access-log" if access_log else "--no-access-log"]
-    if label.endswith("server"):  # its one inbound listener stands on --inbound-port in explicit mode
-        args[args.index("--inbound-port") + 1] = str(listen_port)
-    env = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
-    proc = procs.start(args, Path("/dev/null") if access_log else tmp / f"{label}.out", env)
-    wait_listening(listen_port, proc)
-    return proc
+    return {"version": "bench", "listeners": listeners([listener], []), "routes": {},
+            "clusters": {name: cluster}, "endpoints": {name: [endpoint(app_port)]}}, name
 
 
 def paced_p50(port: int, seconds: float, tmp: Path) -> float | None:

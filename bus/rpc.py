@@ -6,15 +6,16 @@ last replies per peer, so a retried request is answered again, not executed twic
 A handler's exception becomes an ERROR reply; the server keeps serving. A handler that refuses
 the caller raises `Refused`: the ERROR reply is {"error": reason, "detail": ...}, counted and
 logged, with no traceback (a refusal is the handler working, not failing).
+
+Those rules live, without sockets or clocks, in `bus/rpc_core.py`; this module is the I/O around
+them: sockets, polling, timers, metrics and logs.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,15 @@ from bus.context import socket
 from bus.envelope import DecodeError
 from bus.keys import Keyring
 from bus.logs import BurstLog, Log
-from bus.loop import Loop, drain
+from bus.loop import Loop, Timer, drain
 from bus.metrics import AUTH_FAILURES, RECEIVED, RPC_FAILURES, RPC_REFUSED, RPC_RETRIES, SENT
 from bus.monitor import Monitor, close_monitor, explain, open_monitor
 from bus.pubsub import Rejects, bind
+from bus.rpc_core import Done, RpcCalls, RpcError, RpcTimeout, Send, ServedReplies, parse_request
 from bus.security import secure_client, secure_server
 
-_REPLY_CACHE = 1024
+__all__ = ["AsyncRpcClient", "Handler", "Refused", "Request", "RpcClient", "RpcError", "RpcServer",
+           "RpcTimeout"]
 
 
 @dataclass(frozen=True)
@@ -46,21 +49,6 @@ class Request:
 Handler = Callable[[Request], Any]
 
 
-class RpcError(Exception):
-    """The server answered with an error; `code` is its `error` field (e.g. "not_owner")."""
-
-    def __init__(self, message: str, code: str = "error") -> None:
-        super().__init__(message)
-        self.code = code
-
-    @classmethod
-    def from_reply(cls, body: Any) -> RpcError:
-        body = body if isinstance(body, dict) else {}
-        code = str(body.get("error", "error"))
-        detail = body.get("detail")
-        return cls(f"{code}: {detail}" if detail else code, code)
-
-
 class Refused(Exception):
     """Raised by a handler to refuse the caller: `reason` is the reply's `error` and a metric label."""
 
@@ -68,10 +56,6 @@ class Refused(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-class RpcTimeout(Exception):
-    """No reply after every retry."""
 
 
 class RpcServer:
@@ -82,7 +66,7 @@ class RpcServer:
         self.log = Log("bus.rpc-server", name=name)
         self._reject = Rejects(self.log)
         self._refusals = BurstLog(self.log)
-        self._replies: OrderedDict[tuple[bytes, bytes], list[bytes]] = OrderedDict()
+        self._replies = ServedReplies()
         self._sock = loop.socket(zmq.ROUTER, E.DEFAULT_MAX_BODY)
         secure_server(self._sock, endpoint, keyring)
         self.endpoint = bind(self._sock, endpoint)
@@ -106,20 +90,15 @@ class RpcServer:
                 peer = ""
             identity = frames[0].bytes
             try:
-                req = E.decode([f.bytes for f in frames[1:]], E.DEFAULT_MAX_BODY)
-                if req.kind != E.REQUEST or not req.req_id:
-                    raise DecodeError("bad_kind", f"{req.kind} on a request socket")
+                incoming = parse_request(identity, [f.bytes for f in frames[1:]])
             except DecodeError as exc:
                 self._reject(exc.reason, exc.detail, peer=peer)
                 continue
             RECEIVED.labels(E.REQUEST).inc()
-            cache_key = (identity, req.req_id)
-            reply = self._replies.get(cache_key)
+            reply = self._replies.get(incoming.cache_key)
             if reply is None:
-                reply = self._handle(req, peer).frames()
-                self._replies[cache_key] = reply
-                if len(self._replies) > _REPLY_CACHE:
-                    self._replies.popitem(last=False)
+                reply = self._handle(incoming.request, peer).frames()
+                self._replies.put(incoming.cache_key, reply)
             try:
                 self._sock.send_multipart([identity, *reply], zmq.NOBLOCK)
                 SENT.labels(E.REPLY).inc()
@@ -146,6 +125,27 @@ class RpcServer:
                           req_id=req.req_id)
 
 
+def _send(sock: zmq.Socket, send: Send, log: Log, last_error: str | None) -> None:
+    """One attempt of a call; a socket that cannot take it now (no server connected, or its ZAP
+    refused us) makes the attempt time out, and the core's tick retries it."""
+    if send.attempt:
+        RPC_RETRIES.inc()
+        log.info("retrying request", method=send.method, attempt=send.attempt, reason=last_error or "timeout")
+    try:
+        sock.send_multipart(send.frames, zmq.NOBLOCK)
+        SENT.labels(E.REQUEST).inc()
+    except zmq.Again:
+        pass
+
+
+def _count(done: Done) -> None:
+    """The metrics of a finished call."""
+    if done.replied:
+        RECEIVED.labels(E.ERROR if isinstance(done.error, RpcError) else E.REPLY).inc()
+    if done.error is not None:
+        RPC_FAILURES.labels("timeout" if isinstance(done.error, RpcTimeout) else "error").inc()
+
+
 class RpcClient:
     """A blocking client, safe to share between threads (calls are serialised)."""
 
@@ -153,62 +153,50 @@ class RpcClient:
                  origin: str = "", timeout: float = 2.0, retries: int = 2,
                  ctx: zmq.Context | None = None) -> None:
         self.endpoint = endpoint
-        self.origin = origin
-        self.timeout = timeout
-        self.retries = retries
         self.log = Log("bus.rpc-client", server=server)
+        self._calls = RpcCalls(origin, timeout, retries, target=endpoint)
         self._lock = threading.Lock()
         self._sock = socket(zmq.DEALER, E.MAX_REPLY_BODY, ctx)
         secure_client(self._sock, endpoint, keyring, server)
         self._events = open_monitor(
             self._sock, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._events, zmq.POLLIN)
         self._sock.connect(endpoint)
         self.last_error: str | None = None
 
     def call(self, method: str, body: Any = None, timeout: float | None = None,
              retries: int | None = None) -> Any:
-        timeout = self.timeout if timeout is None else timeout
-        retries = self.retries if retries is None else retries
-        req_id = os.urandom(8)
-        frames = E.make(method, E.REQUEST, body, req_id=req_id, origin=self.origin).frames()
+        """The reply's value; RpcError for an error reply, RpcTimeout after the last retry."""
         with self._lock:
-            for attempt in range(retries + 1):
-                if attempt:
-                    RPC_RETRIES.inc()
-                    self.log.info("retrying request", method=method, attempt=attempt,
-                                  reason=self.last_error or "timeout")
-                try:
-                    self._sock.send_multipart(frames, zmq.NOBLOCK)
-                    SENT.labels(E.REQUEST).inc()
-                except zmq.Again:
-                    pass  # no server connected (down, or its ZAP refused us): this attempt times out
-                reply = self._await(req_id, time.monotonic() + timeout)
-                if reply is not None:
-                    if reply.kind == E.ERROR:
-                        RPC_FAILURES.labels("error").inc()
-                        raise RpcError.from_reply(reply.value())
-                    return reply.value()
-        RPC_FAILURES.labels("timeout").inc()
-        raise RpcTimeout(f"{method} to {self.endpoint}: no reply after {retries + 1} attempts"
-                         + (f" ({self.last_error})" if self.last_error else ""))
+            first = self._calls.start(method, body, time.monotonic(), timeout, retries)
+            try:
+                actions: Iterable[Send | Done] = [first]
+                while True:  # ends: the core gives up on the call after its last retry
+                    for action in actions:
+                        if isinstance(action, Send):
+                            _send(self._sock, action, self.log, self.last_error)
+                        elif action.req_id == first.req_id:
+                            _count(action)
+                            if action.error is not None:
+                                raise action.error
+                            return action.value
+                    actions = self._wait()
+            finally:
+                self._calls.forget(first.req_id)
 
-    def _await(self, req_id: bytes, deadline: float) -> E.Envelope | None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._events, zmq.POLLIN)
+    def _wait(self) -> list[Send | Done]:
+        """Block until a reply ends the call or its attempt times out (the core's next deadline)."""
+        deadline = self._calls.next_deadline() or time.monotonic()
         while (left := deadline - time.monotonic()) > 0:
-            for sock, _ in poller.poll(left * 1000):
+            for sock, _ in self._poller.poll(left * 1000):
                 if sock is self._events:
                     self._note_handshake_failure()
-                    continue
-                try:
-                    reply = E.decode(self._sock.recv_multipart(), E.MAX_REPLY_BODY)
-                except DecodeError:
-                    continue  # garbage cannot come from an authenticated server; ignore
-                if reply.req_id == req_id and reply.kind in (E.REPLY, E.ERROR):
-                    return reply
-        return None
+                elif (done := self._calls.on_reply(self._sock.recv_multipart())) is not None:
+                    return [done]
+        return self._calls.tick(time.monotonic(), self.last_error)
 
     def _note_handshake_failure(self) -> None:
         reason, self.last_error = explain("client", recv_monitor_message(self._events)["event"])
@@ -217,16 +205,6 @@ class RpcClient:
     def close(self) -> None:
         close_monitor(self._sock, self._events)
         self._sock.close(0)
-
-
-
-@dataclass
-class _Pending:
-    frames: list[bytes]
-    method: str
-    on_reply: Callable[[Any, Exception | None], None] | None
-    attempts: int = 0
-    timer: Any = None
 
 
 class AsyncRpcClient:
@@ -239,11 +217,10 @@ class AsyncRpcClient:
                  origin: str = "", timeout: float = 2.0, retries: int = 2) -> None:
         self.loop = loop
         self.endpoint = endpoint
-        self.origin = origin
-        self.timeout = timeout
-        self.retries = retries
         self.log = Log("bus.rpc-client", server=server)
-        self._pending: dict[bytes, _Pending] = {}
+        self._calls = RpcCalls(origin, timeout, retries, target=endpoint)
+        self._timer: Timer | None = None
+        self._armed_for: float | None = None
         self._sock = loop.socket(zmq.DEALER, E.MAX_REPLY_BODY)
         # queue nothing for a server not connected yet: a request sent into a dead server's queue
         # would run when it comes back, after we gave up on it (a certificate signed for nothing)
@@ -256,13 +233,8 @@ class AsyncRpcClient:
     def call(self, method: str, body: Any = None,
              on_reply: Callable[[Any, Exception | None], None] | None = None) -> None:
         """Send a request (from any thread); `on_reply` runs in the loop thread."""
-        req_id = os.urandom(8)
-        frames = E.make(method, E.REQUEST, body, req_id=req_id, origin=self.origin).frames()
-        pending = _Pending(frames, method, on_reply)
-
         def start() -> None:
-            self._pending[req_id] = pending
-            self._send(req_id, pending)
+            self._carry([self._calls.start(method, body, time.monotonic(), context=on_reply)])
         if self.loop.in_loop():
             start()
         else:
@@ -284,68 +256,47 @@ class AsyncRpcClient:
         return box[0]
 
     def close(self) -> None:
-        for pending in self._pending.values():
-            if pending.timer is not None:
-                pending.timer.cancel()
-        self._pending.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._calls.forget()
         self.monitor.close()
         self.loop.remove_reader(self._sock)
         self._sock.close(0)
 
-    def _send(self, req_id: bytes, pending: _Pending) -> None:
-        pending.attempts += 1
-        if pending.attempts > 1:
-            RPC_RETRIES.inc()
-            self.log.info("retrying request", method=pending.method, attempt=pending.attempts - 1,
-                          reason=self.monitor.last_error or "timeout")
-        try:
-            self._sock.send_multipart(pending.frames, zmq.NOBLOCK)
-            SENT.labels(E.REQUEST).inc()
-        except zmq.Again:
-            pass  # not connected yet: the timeout resends
-        pending.timer = self.loop.call_later(self.timeout, lambda: self._expired(req_id))
+    def _carry(self, actions: Iterable[Send | Done]) -> None:
+        """Carry out the core's actions, then wake up at its next deadline."""
+        for action in actions:
+            if isinstance(action, Send):
+                _send(self._sock, action, self.log, self.monitor.last_error)
+            else:
+                _count(action)
+                self._finish(action)
+        deadline = self._calls.next_deadline()
+        if deadline == self._armed_for:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._armed_for = None, deadline
+        if deadline is not None:
+            self._timer = self.loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
 
-    def _expired(self, req_id: bytes) -> None:
-        pending = self._pending.get(req_id)
-        if pending is None:
-            return
-        if pending.attempts <= self.retries:
-            self._send(req_id, pending)
-            return
-        del self._pending[req_id]
-        RPC_FAILURES.labels("timeout").inc()
-        reason = f" ({self.monitor.last_error})" if self.monitor.last_error else ""
-        self._finish(pending, None, RpcTimeout(
-            f"{pending.method} to {self.endpoint}: no reply after {pending.attempts} attempts{reason}"))
+    def _on_timer(self) -> None:
+        self._timer = self._armed_for = None
+        self._carry(self._calls.tick(time.monotonic(), self.monitor.last_error))
 
     def _on_readable(self) -> None:
         for frames in drain(self._sock, 512):
-            try:
-                reply = E.decode(frames, E.MAX_REPLY_BODY)
-            except DecodeError:
-                continue  # garbage cannot come from an authenticated server; ignore
-            pending = self._pending.pop(reply.req_id or b"", None)
-            if pending is None or reply.kind not in (E.REPLY, E.ERROR):
-                continue  # a stale reply to a request already answered or given up
-            pending.timer.cancel()
-            RECEIVED.labels(reply.kind).inc()
-            if reply.kind == E.ERROR:
-                RPC_FAILURES.labels("error").inc()
-                self._finish(pending, None, RpcError.from_reply(reply.value()))
-                continue
-            try:
-                value = reply.value()
-            except DecodeError as exc:
-                self._finish(pending, None, RpcError(f"undecodable reply: {exc.reason}"))
-                continue
-            self._finish(pending, value, None)
+            done = self._calls.on_reply(frames)
+            if done is not None:
+                self._carry([done])
 
-    def _finish(self, pending: _Pending, value: Any, error: Exception | None) -> None:
-        if pending.on_reply is None:
-            if error is not None:
-                self.log.warning("request failed", method=pending.method, error=str(error))
+    def _finish(self, done: Done) -> None:
+        on_reply = done.context
+        if on_reply is None:
+            if done.error is not None:
+                self.log.warning("request failed", method=done.method, error=str(done.error))
             return
         try:
-            pending.on_reply(value, error)
+            on_reply(done.value, done.error)
         except Exception:
-            self.log.error("reply callback failed", method=pending.method, exc_info=True)
+            self.log.error("reply callback failed", method=done.method, exc_info=True)

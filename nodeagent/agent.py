@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import endpoints
+from bus.backoff import Backoff
 from bus.keys import Keyring
 from bus.logs import Log
 from bus.loop import Loop
@@ -47,7 +48,7 @@ from nodeagent.certs import (
     spiffe_id,
     split_pem,
 )
-from nodeagent.rotation import Backoff, Rotation
+from nodeagent.rotation import RETRY_JITTER, Rotation
 from nodeagent.watch import WorkloadDir
 from nodeagent.workloads import Inventory, Workload, WorkloadError, parse_text, parse_workload
 
@@ -190,7 +191,8 @@ class NodeAgent:
     def _attach(self, w: Workload) -> None:
         ident = self.identities.get(w.identity)
         if ident is None:
-            backoff = Backoff(*self.backoff, rng=self._rng)
+            initial, cap = self.backoff
+            backoff = Backoff(initial=initial, cap=cap, jitter=RETRY_JITTER, rng=self._rng)
             ident = self.identities[w.identity] = _Identity(
                 w.identity, self._spiffe(w), Rotation(backoff=backoff, rng=self._rng))
         ident.workloads.add(w.id)

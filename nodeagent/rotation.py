@@ -9,26 +9,9 @@ from __future__ import annotations
 
 import random
 
+from bus.backoff import Backoff
 
-class Backoff:
-    """Exponential, jittered, bounded: base * factor^n (capped), times a factor in [1-j, 1+j]."""
-
-    def __init__(self, base: float = 1.0, cap: float = 30.0, factor: float = 2.0, jitter: float = 0.2,
-                 rng: random.Random | None = None) -> None:
-        if not (0 < base <= cap and factor >= 1 and 0 <= jitter < 1):
-            raise ValueError("need 0 < base <= cap, factor >= 1, 0 <= jitter < 1")
-        self.base, self.cap, self.factor, self.jitter = base, cap, factor, jitter
-        self._rng = rng or random.Random()
-        self.failures = 0
-
-    def next(self) -> float:
-        """The delay before the next attempt; each call counts one more failure."""
-        delay = min(self.cap, self.base * self.factor ** min(self.failures, 64))
-        self.failures += 1
-        return delay * self._rng.uniform(1 - self.jitter, 1 + self.jitter)
-
-    def reset(self) -> None:
-        self.failures = 0
+RETRY_JITTER = 0.2  # a failed request is retried after its backoff delay +-20%
 
 
 class Rotation:
@@ -46,7 +29,7 @@ class Rotation:
             raise ValueError("renewal must fall strictly inside the lifetime")
         self.renew_at, self.jitter = renew_at, jitter
         self._rng = rng or random.Random()
-        self.backoff = backoff or Backoff(rng=self._rng)
+        self.backoff = backoff or Backoff(jitter=RETRY_JITTER, rng=self._rng)
         self.expires: float | None = None   # of the certificate in force
         self.next_at = 0.0                  # when to ask next (0: as soon as possible)
         self.in_flight = False

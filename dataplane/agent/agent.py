@@ -35,8 +35,8 @@ from typing import Any
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from bus.backoff import Backoff
 from bus.logs import Log
-from dataplane.agent.backoff import Backoff
 from dataplane.agent.certs import cert_problem
 from dataplane.agent.child import Child
 from dataplane.agent.merge import merge_expositions
@@ -72,7 +72,7 @@ class AgentOptions:
     certs: Path | None = None
     decider_queue: int | None = None
     decider_metrics_port: int = 15005
-    decider_backoff: Backoff = field(default_factory=lambda: Backoff(0.2, 2.0, 5.0, 60.0))
+    decider_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.2, cap=5.0))
 
 
 def fetch(url: str, timeout: float, method: str = "GET",

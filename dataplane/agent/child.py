@@ -10,8 +10,8 @@ import subprocess
 import time
 from collections.abc import Sequence
 
+from bus.backoff import Backoff
 from bus.logs import Log
-from dataplane.agent.backoff import Backoff, describe_exit
 
 
 class Child:
@@ -56,7 +56,7 @@ class Child:
             return None
         uptime = time.monotonic() - self.started
         self.sweep()
-        delay = self.backoff.next_delay(uptime)
+        delay = self.backoff.next_after(uptime)
         self.log.warning(f"{self.name} exited; restarting", pid=self.proc.pid, reason=describe_exit(code),
                          uptime=f"{uptime:.1f}s", restart_in=f"{delay:g}s")
         self.restart_at = time.monotonic() + delay
@@ -83,3 +83,13 @@ class Child:
         self.sweep()
         proc.wait()
         self.log.info(f"{self.name} stopped", pid=proc.pid, reason=describe_exit(proc.returncode))
+
+
+def describe_exit(returncode: int) -> str:
+    """Popen's returncode as a reason for the log: 'exit code 3' or 'signal SIGKILL'."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"signal {-returncode}"

@@ -52,13 +52,13 @@ def agent_command(health_port: int, metrics_port: int, proxy_admin_port: int, pr
 
     SIGHUP hands the proxy over to a new one without dropping a connection; SIGTERM drains it.
     """
+    from bus.backoff import Backoff
     from dataplane.agent.agent import Agent, AgentOptions
-    from dataplane.agent.backoff import Backoff
 
     if not proxy_args:
         raise click.UsageError("give the proxy's arguments after --, e.g. -- --id pod-1 --config proxy.yaml")
     try:
-        backoff = Backoff(restart_initial, 2.0, restart_max, restart_reset)
+        backoff = Backoff(initial=restart_initial, cap=restart_max, reset_after=restart_reset)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     if {handover_admin_port, handover_stats_port} & {proxy_admin_port, proxy_stats_port}:

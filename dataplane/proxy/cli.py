@@ -57,12 +57,15 @@ def _labels(text: str) -> dict[str, str]:
 @click.option("--certs", "certs_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The workload's certificate directory (the node agent's <run-dir>/certs/<id>): "
                    "Istio mutual TLS, reloaded when its version file changes.")
+@click.option("--splice/--no-splice", default=True, show_default=True,
+              help="L4 bulk transfers move socket to socket in the kernel (splice); --no-splice copies "
+                   "every byte through userspace (to measure the difference).")
 def proxy_command(node_id: str, namespace: str, labels: str, service_account: str, ip: str,
                   config_file: Path | None, key_dir: str | None, name: str, pilot_host: str,
                   port_base: int | None, relay: str | None, register: bool, mode: str, explicit_host: str,
                   inbound_host: str | None, app_host: str, workers: int,
                   outbound_port: int, inbound_port: int, admin_port: int, stats_port: int,
-                  access_log: bool, max_connections: int, certs_dir: Path | None) -> None:
+                  access_log: bool, max_connections: int, certs_dir: Path | None, splice: bool) -> None:
     """Run the sidecar proxy."""
     from dataplane.proxy.main import BusOptions, Sidecar
     from dataplane.proxy.stats import Workload
@@ -81,7 +84,7 @@ def proxy_command(node_id: str, namespace: str, labels: str, service_account: st
     opts = WorkerOptions(node_id=node_id, workload=workload, mode=mode, outbound_port=outbound_port,
                          inbound_port=inbound_port, access_log=access_log, explicit_host=explicit_host,
                          inbound_host=inbound_host, app_host=app_host, max_connections=max_connections,
-                         certs=str(certs_dir) if certs_dir is not None else None)
+                         certs=str(certs_dir) if certs_dir is not None else None, splice=splice)
     bus = None
     if key_dir is not None:
         pub = f"{relay}.pub" if relay else endpoints.tcp("pilot", "pub", pilot_host, port_base)

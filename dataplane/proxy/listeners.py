@@ -84,7 +84,7 @@ class SidecarListener:
     def __init__(self, runtime: Runtime, sock: socket.socket, direction: str, *,
                  explicit_port: int | None = None, http_factory: Callable[..., Any] | None = None,
                  idle_timeout: float = 3600.0, mark: int = 0, certs: tls.WorkloadCerts | None = None,
-                 app_host: str = _LOCALHOST) -> None:
+                 app_host: str = _LOCALHOST, splice: bool = True) -> None:
         self.runtime = runtime
         self.certs = certs  # the workload's certificates (contexts reloaded in place), None: no mTLS
         self._warned: set[str] = set()
@@ -94,6 +94,7 @@ class SidecarListener:
         self.http_factory = http_factory
         self.idle_timeout = idle_timeout
         self.mark = mark
+        self.splice = splice  # False: never splice (the copy-only row of benchmarks/proxy_l4.py)
         self.app_host = app_host  # inbound L4 goes to the app here (loopback pods: an address each)
         self.reporter = SOURCE if direction == "outbound" else DESTINATION
         self.connections: set[Forwarder] = set()
@@ -304,7 +305,7 @@ class SidecarListener:
                 cluster.finish(endpoint, self.runtime.reactor.now * 1000, failure=failure)
 
         fwd = Forwarder(self.runtime.reactor, conn, on_close=closed, idle_timeout=self.idle_timeout,
-                        mark=self.mark, downstream_addr=peer, orig_dst=target)
+                        mark=self.mark, splice=self.splice, downstream_addr=peer, orig_dst=target)
         self.connections.add(fwd)
         timeout = (cluster.pool.connect_timeout_ms / 1000) if cluster is not None else 10.0
         fwd.connect(address, timeout, tls=upstream_tls)

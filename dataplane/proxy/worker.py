@@ -48,6 +48,7 @@ class WorkerOptions:
     mark: int = 0
     certs: str | None = None             # the workload's certificate directory: mutual TLS
     max_connections: int = 0             # downstream connections per worker; 0: connlimit.default_limit()
+    splice: bool = True                  # False: L4 bytes always go through userspace (benchmarks)
     reserved: tuple[tuple[str, int], ...] = ()  # the supervisor's admin and stats addresses (never upstreams)
 
 
@@ -102,7 +103,7 @@ class Worker:
             return
         self.listeners[key] = SidecarListener(self.runtime, sock, direction, explicit_port=explicit_port,
                                               http_factory=self.http, mark=self.opts.mark, certs=self.certs,
-                                              app_host=self.opts.app_host)
+                                              app_host=self.opts.app_host, splice=self.opts.splice)
         if key[0] != "in" or explicit_port is None:  # explicit inbound stands for the app (blackhole.py)
             self._own[key] = sock.getsockname()[:2]
             self.runtime.own.add(*self._own[key])

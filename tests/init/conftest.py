@@ -219,7 +219,7 @@ def sidecar(topology: Topology) -> Sidecar:
                ns=topo.remote)
     topo.serve("app", "app", f"0.0.0.0:{AP}", f"0.0.0.0:{XAP}", "0.0.0.0:15021")
     topo.serve("inbound", "inbound", "0.0.0.0:15006")
-    proxy = [sys.executable, "-m", "dataplane.proxy.l4", "--transparent", "--log-connections",
+    proxy = [sys.executable, "-m", "tests.proxy.l4harness", "--transparent", "--log-connections",
              "--connect-timeout", "2", "--listen"]
     _, log = topo.start("proxy", [*proxy, "127.0.0.1:15001"], "listening", as_proxy=True)
     log6 = topo.start("proxy6", [*proxy, "[::1]:15001"], "listening", as_proxy=True)[1] if topo.ipv6 else None

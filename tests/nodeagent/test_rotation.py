@@ -13,8 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bus.backoff import Backoff
 from nodeagent.certs import CertDir, CertSet, chains_to, check_leaf, new_key_and_csr, spiffe_id, split_pem
-from nodeagent.rotation import Backoff, Rotation
+from nodeagent.rotation import Rotation
 from nodeagent.workloads import Inventory, WorkloadError, parse_text, parse_workload
 
 SPIFFE = "spiffe://cluster.local/ns/default/sa/reviews"
@@ -41,20 +42,8 @@ def test_renewal_falls_between_40_and_60_percent_of_the_remaining_lifetime() -> 
     assert abs(sum(times) / len(times) - 50.0) < 2
 
 
-def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets_on_success() -> None:
-    b = Backoff(base=1.0, cap=8.0, jitter=0.2, rng=random.Random(1))
-    delays = [b.next() for _ in range(8)]
-    for delay, nominal in zip(delays, [1, 2, 4, 8, 8, 8, 8, 8], strict=True):
-        assert nominal * 0.8 <= delay <= nominal * 1.2
-    assert len({round(d, 6) for d in delays[3:]}) > 1  # jittered
-    b.reset()
-    assert 0.8 <= b.next() <= 1.2
-    with pytest.raises(ValueError):
-        Backoff(base=0)
-
-
 def test_failures_back_off_and_keep_the_current_expiry_until_a_success() -> None:
-    r = Rotation(backoff=Backoff(base=1.0, cap=4.0, jitter=0.0), rng=random.Random(3))
+    r = Rotation(backoff=Backoff(initial=1.0, cap=4.0), rng=random.Random(3))
     r.started()
     r.issued(0.0, 10.0)
     assert r.left(2.0) == 8.0

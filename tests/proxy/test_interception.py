@@ -1,7 +1,7 @@
 """Transparent interception for real: iptables REDIRECT inside a network namespace, SO_ORIGINAL_DST.
 
 The test makes its own namespace (only its loopback is up, so no traffic can leave it), runs an
-echo backend on 127.0.0.2 and `python -m dataplane.proxy.l4 --transparent` on 15001 inside it,
+echo backend on 127.0.0.2 and `python -m tests.proxy.l4harness --transparent` on 15001 inside it,
 and adds Istio's outbound rule to the namespace's nat OUTPUT chain:
 
     -p tcp -d 127.0.0.2 --dport <backend> -m owner ! --gid-owner 1337 -j REDIRECT --to-ports 15001
@@ -133,8 +133,8 @@ def test_redirected_connection_is_proxied_to_its_original_destination(netns: str
     assert backend.poll() is None, backend_err.read_text()
 
     proxy, proxy_out, proxy_err = nsprocs.start(
-        "proxy", [sys.executable, "-m", "dataplane.proxy.l4", "--listen", "127.0.0.1:15001", "--transparent",
-                  "--log-connections", "--connect-timeout", "2"],
+        "proxy", [sys.executable, "-m", "tests.proxy.l4harness", "--listen", "127.0.0.1:15001",
+                  "--transparent", "--log-connections", "--connect-timeout", "2"],
         group=PROXY_GID, extra_groups=[])
     assert wait_for(lambda: "listening" in proxy_out.read_text() or proxy.poll() is not None, 10)
     assert proxy.poll() is None, proxy_err.read_text()

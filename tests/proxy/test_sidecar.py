@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -213,6 +214,47 @@ def test_transparent_listeners_open_only_once_a_config_is_in_force(tmp_path, ech
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
         proxy.stop()
+
+
+def _pipes(pid: int) -> int:
+    """How many pipe ends a process holds (splice mode keeps its pipes pooled once used)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
+
+
+def _bulk_roundtrip(port: int, payload: bytes) -> bytes:
+    """Send `payload` from a thread while reading the echo, so neither side's buffers can stall."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        def send() -> None:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        chunks = []
+        while chunk := s.recv(1 << 20):
+            chunks.append(chunk)
+        sender.join(10)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "no-splice"])
+def test_no_splice_carries_bulk_l4_through_userspace(tmp_path, echo, splice: bool) -> None:
+    """`--no-splice` (the copy row of benchmarks/proxy_l4.py): bulk bytes arrive intact and the
+    worker never takes a splice pipe; by default the same transfer is spliced."""
+    import psutil
+
+    port = free_port()
+    flag = "--splice" if splice else "--no-splice"
+    proxy = Proxy(tmp_path, tcp_config("v1", port, echo.port), flag, workers=1)
+    try:
+        assert wait_for(proxy.ready, timeout=15), (tmp_path / "proxy.log").read_text()
+        worker = psutil.Process(proxy.proc.pid).children()[0].pid
+        before = _pipes(worker)
+        payload = os.urandom(4 << 20)
+        assert _bulk_roundtrip(port, payload) == payload
+        assert (_pipes(worker) > before) == splice
+    finally:
+        assert proxy.stop() == 0
 
 
 def test_a_dead_worker_stops_the_proxy_for_its_agent_to_restart(tmp_path, echo) -> None:

@@ -1,4 +1,5 @@
-"""The L4 path on real loopback sockets: reactor, forwarder, listener and the `-m dataplane.proxy.l4` entry.
+"""The L4 path on real loopback sockets: reactor, forwarder and the test harness's
+listener (tests/proxy/l4harness.py).
 
 Backends are tiny blocking servers on threads; the proxy runs its reactor on another thread,
 so a test talks to it exactly as a workload would. Forwarding is checked in both modes
@@ -12,8 +13,6 @@ import hashlib
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +21,11 @@ from typing import Any
 import pytest
 
 from dataplane.proxy import pump, sockets
-from dataplane.proxy.l4 import L4Listener
 from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.tcp import Forwarder
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import free_port, wait_for
 from tests.proxy.backends import Backend, echo, run_on
+from tests.proxy.l4harness import L4Listener
 
 MODES = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
 
@@ -446,28 +445,3 @@ def test_200_concurrent_connections(proxy: Proxy, backends: Callable[..., Backen
     closed = proxy.wait_closed(200)
     assert all(f.flags == "" for f in closed)
     assert wait_for(lambda: not proxy.connections(), 5.0)
-
-
-def test_cli_with_two_workers_sharing_the_port(backends: Callable[..., Backend]) -> None:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dataplane.proxy.l4", "--listen", f"127.0.0.1:{port}",
-                             "--upstream", f"127.0.0.1:{backends().port}", "--workers", "2"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(f"listening 127.0.0.1:{port} workers=2")
-        assert len(_children(proc.pid)) == 2
-        for i in range(20):
-            with client(port) as c:
-                c.sendall(f"req {i}".encode())
-                assert c.recv(100) == f"req {i}".encode()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    assert proc.returncode == 0
-
-
-def _children(pid: int) -> list[int]:
-    path = f"/proc/{pid}/task/{pid}/children"
-    with open(path) as f:
-        return [int(x) for x in f.read().split()]

@@ -119,13 +119,6 @@ class HttpState:
         if self.connections:
             self._sweeper = self.reactor.call_later(SWEEP_INTERVAL, self._sweep)
 
-    def close_idle(self) -> None:
-        """Close every downstream connection between requests and every idle upstream one (drain)."""
-        for conn in list(self.connections):
-            if conn.req is None and conn.tunnel is None:
-                conn.close()
-        self.upstreams.close_all()
-
 
 def http_state(runtime: Any) -> HttpState:
     """The runtime's shared L7 state, created on first use (kept as `runtime.http`)."""
