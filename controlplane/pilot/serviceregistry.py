@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.config.model import Resource
-from controlplane.pilot.model import Endpoint, Port, Proxy, Service, fqdn, matches, protocol_of
+from controlplane.pilot.model import Endpoint, Port, Proxy, Service, matches, protocol_of
+from meshapi.hosts import fqdn
 
 KUBERNETES = "kubernetes"
 SERVICE_ENTRY = "serviceentry"

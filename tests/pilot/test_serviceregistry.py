@@ -306,7 +306,7 @@ def test_registration_backs_matching_service_and_is_a_proxy() -> None:
     [proxy] = reg.registrations.proxies()
     assert (proxy.id, proxy.namespace, proxy.ip, proxy.node) == (
         "reviews-v1-abc", "default", "10.0.0.1", "node-a")
-    assert proxy.spiffe_id == "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    assert proxy.service_account == "bookinfo-reviews"
     assert {"app": "reviews", "version": "v1"} in reg.workload_labels("default")
 
 
