@@ -10,7 +10,8 @@ import pytest
 from controlplane.config.model import Resource
 from controlplane.config.validate import load_paths, load_text
 from controlplane.pilot.model import Protocol
-from controlplane.pilot.serviceregistry import Registrations, ServiceRegistry, services_from_config
+from controlplane.pilot.serviceregistry.aggregate import ServiceRegistry, services_from_config
+from controlplane.pilot.serviceregistry.leases import Registrations
 
 BOOKINFO_HOSTS = [f"{n}.default.svc.cluster.local" for n in ("details", "productpage", "ratings", "reviews")]
 

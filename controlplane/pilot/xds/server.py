@@ -30,7 +30,7 @@ from controlplane.debounce import DebouncedCall, Debouncer
 from controlplane.pilot.model import Proxy
 from controlplane.pilot.networking import ProxyParts, build_proxy_parts
 from controlplane.pilot.networking.push_context import PushContext
-from controlplane.pilot.serviceregistry import REGISTRY_KINDS, ServiceRegistry
+from controlplane.pilot.serviceregistry.aggregate import REGISTRY_KINDS, ServiceRegistry
 from controlplane.pilot.xds.metrics import GROUP_PUBLISHES, PARTS_PUBLISHED, PROXIES, PUSH_SECONDS, PUSHES
 from controlplane.pilot.xds.status import StatusTracker
 from meshapi import groups
