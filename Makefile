@@ -1,6 +1,7 @@
 # make deps: installs the apt packages of ops/apt-packages.txt that are missing (as root; otherwise it
 #   prints the sudo line and stops). test, up and bench run it first; a second run does nothing.
-# make test: builds .venv when missing, installs zmesh with its test extras, lints, runs pytest.
+# make test: builds .venv when missing, installs zmesh with its test extras, lints (ruff, and lint-imports
+#   for the layering in .importlinter), runs pytest.
 # make up: the same .venv, then `meshctl up` (the mesh and bookinfo on this machine, as root; Ctrl-C stops it).
 PY ?= python3
 VENV := .venv
@@ -23,6 +24,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml | deps
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -320,7 +320,7 @@ def bench_e2e(pods: Pods, seconds: float, rounds: int) -> list[Run]:
     for ns, cfg, name in ((pods.a, cfg_a, "proxy-a"), (pods.b, cfg_b, "proxy-b")):
         # the direct baseline's port is excluded both ways, so it runs beside the mesh
         pods.iptables(ns, "-u", PROXY_GID, "-o", str(DIRECT_PORT), "-d", str(DIRECT_PORT))
-        args = [sys.executable, "-m", "controlplane.meshctl", "proxy", "--id", name, "--config", str(cfg),
+        args = [sys.executable, "-m", "meshctl", "proxy", "--id", name, "--config", str(cfg),
                 "--mode", "transparent", "--workers", "1", "--no-access-log"]
         proxies.append(pods.start_in(name, ns, args, "config applied", proxy=True))
     samples: dict[str, list[Run]] = {"direct": [], "mesh": []}

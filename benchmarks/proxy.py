@@ -55,7 +55,7 @@ def idle_worker_mb(services: int) -> dict[str, float]:
     from controlplane.config.validate import load_text
     from controlplane.pilot.model import Proxy
     from controlplane.pilot.networking import PushContext, build_proxy_config
-    from controlplane.pilot.serviceregistry import services_from_config
+    from controlplane.pilot.serviceregistry.aggregate import services_from_config
 
     resources = load_text(services_yaml(services)).resources
     found, endpoints = services_from_config(resources)

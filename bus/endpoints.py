@@ -1,5 +1,6 @@
 """Every control-plane port in one place. `ZMESH_PORT_BASE` (or `--port-base`) moves the whole
-set, so tests can run many meshes side by side. Sidecar ports are Istio's and stay fixed."""
+set, so tests can run many meshes side by side. Sidecar ports are Istio's and stay fixed
+(meshapi/ports.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,6 @@ OFFSETS = {
     ("mixer-policy", "rpc"): 40, ("mixer-policy", "metrics"): 49,
     ("nodeagent", "metrics"): 59,
 }
-
-SIDECAR_PORTS = {"admin": 15000, "outbound": 15001, "inbound": 15006, "agent-metrics": 15020,
-                 "health": 15021, "proxy-metrics": 15090}
-
 
 def port_base() -> int:
     return int(os.environ.get("ZMESH_PORT_BASE", DEFAULT_BASE))

@@ -1,7 +1,7 @@
 """The proxy's side of pilot's config protocol: follow a config group, hand over whole configs.
 
 Pilot publishes a group's own parts and manifest under `cfg/g/<group>/`, and the outbound
-parts the group shares with others under `cfg/o/<scope>/` (controlplane.pilot.networking.parts).
+parts the group shares with others under `cfg/o/<scope>/` (meshapi.parts).
 A follower subscribes to the group, reads from its manifest which scope to follow, and calls
 `on_update` exactly once per version, when it holds a whole, consistent set of parts. The
 update names the parts that changed; the whole config is assembled only if asked for. A
@@ -25,7 +25,8 @@ from bus.loop import Loop, Timer
 from bus.pubsub import Subscriber
 from bus.rpc import AsyncRpcClient
 from bus.signing import Verifier
-from controlplane.pilot.networking.parts import MANIFEST, SHARED_PREFIX, Assembler
+from meshapi.config import ProxyConfig
+from meshapi.parts import MANIFEST, SHARED_PREFIX, Assembler
 
 
 @dataclass
@@ -33,9 +34,9 @@ class ConfigUpdate:
     version: str
     touched: set[str]   # part suffixes changed since the last update; shared ones as "o:<suffix>"
     assembler: Assembler
-    _config: dict[str, Any] | None = field(default=None, repr=False)
+    _config: ProxyConfig | None = field(default=None, repr=False)
 
-    def config(self) -> dict[str, Any]:
+    def config(self) -> ProxyConfig:
         """The whole config of this version (raises ValueError when its parts do not fit)."""
         if self._config is None:
             if (self.assembler.local_manifest or {}).get("version") != self.version:

@@ -37,6 +37,7 @@ from bus.pubsub import Subscriber
 from bus.relay import Relay
 from bus.rpc import AsyncRpcClient, Request, RpcError, RpcServer
 from bus.signing import Verifier
+from meshapi.identity import CERTS_DIR, spiffe_id
 from nodeagent import metrics as M
 from nodeagent.certs import (
     CertDir,
@@ -45,7 +46,6 @@ from nodeagent.certs import (
     check_leaf,
     default_owner,
     new_key_and_csr,
-    spiffe_id,
     split_pem,
 )
 from nodeagent.rotation import RETRY_JITTER, Rotation
@@ -102,7 +102,7 @@ class NodeAgent:
         self.backoff = backoff
         self.log = Log("nodeagent", node=self.node)
         self.run_dir = Path(run_dir)
-        self.certs_root = self.run_dir / "certs"
+        self.certs_root = self.run_dir / CERTS_DIR
         self.certs_root.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.inventory = Inventory()
         self.identities: dict[tuple[str, str], _Identity] = {}

@@ -23,13 +23,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-PROXY_UID = 1337  # Istio's proxy user
-KEY_FILE, CHAIN_FILE, ROOT_FILE, VERSION_FILE = "key.pem", "cert-chain.pem", "root-cert.pem", "version"
+from meshapi.identity import CHAIN_FILE, KEY_FILE, PROXY_UID, ROOT_FILE, VERSION_FILE
+
 _PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----")
-
-
-def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 def new_key_and_csr(spiffe: str) -> tuple[bytes, str]:

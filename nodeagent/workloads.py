@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+from meshapi.identity import valid_namespace, valid_service_account
 
 
 class WorkloadError(ValueError):
@@ -54,9 +53,8 @@ def _id(value: Any) -> str:
 
 def _dns(value: Any, what: str, subdomain: bool) -> str:
     """Kubernetes' rules, which citadel applies to SPIFFE ids: refuse here what it would refuse."""
-    labels = value.split(".") if isinstance(value, str) and subdomain else [value]
-    if not (isinstance(value, str) and len(value) <= (253 if subdomain else 63)
-            and all(_DNS_LABEL.fullmatch(label) for label in labels)):
+    valid = valid_service_account if subdomain else valid_namespace
+    if not (isinstance(value, str) and valid(value)):
         kind = "DNS-1123 subdomain" if subdomain else "DNS-1123 label"
         raise WorkloadError(f"{what} must be a {kind} (lowercase letters, digits, '-'), got {value!r}")
     return value

@@ -10,6 +10,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from bus.loop import Loop
 
 NAMES = ("pilot", "galley", "nodeagent", "proxy-a", "proxy-b", "citadel", "meshctl")
 ROOT = Path(__file__).resolve().parents[1]
+# `meshctl` from this checkout (PYTHONPATH reaches it), whatever an installed script points at
+MESHCTL = [sys.executable, "-m", "meshctl"]
 # shared/ sits beside the checkout (for developers and CI alike)
 ISTIO_TESTDATA = ROOT.parent / "shared" / "testdata" / "istio"
 

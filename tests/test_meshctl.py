@@ -7,7 +7,7 @@ import stat
 from click.testing import CliRunner
 
 from bus.keys import Keyring
-from controlplane.meshctl import cli
+from meshctl.cli import cli
 
 
 def test_keygen_writes_usable_keys_with_private_parts_0600(tmp_path) -> None:

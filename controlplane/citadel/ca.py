@@ -23,11 +23,12 @@ from cryptography import x509
 
 from bus.logs import Log
 from controlplane.citadel.authz import NodeAuthorizer
-from controlplane.citadel.identity import Refusal, check_csr, valid_trust_domain
+from controlplane.citadel.identity import Refusal, check_csr
 from controlplane.citadel.metrics import ISSUED, REFUSED, ROOT_EXPIRY
 from controlplane.citadel.pki import CLOCK_SKEW_S, SigningCa, fingerprint, new_root, pem
 from controlplane.citadel.rotation import IssuanceTracker
 from controlplane.citadel.store import CaDir
+from meshapi.identity import valid_trust_domain
 
 DAY = 86400
 DEFAULT_TTL_S = DAY

@@ -7,7 +7,6 @@ reading citadel's source.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -16,10 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from controlplane.citadel.der import request_spki
+from meshapi.identity import SpiffeId, SpiffeIdError, parse_spiffe_id
 
 MAX_CSR_BYTES = 16 * 1024  # a P-384 or RSA-4096 CSR with one URI is ~2 KiB
-_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
 _MIN_RSA_BITS = 2048
 
@@ -31,50 +29,22 @@ class Refusal:
 
 
 @dataclass(frozen=True)
-class SpiffeId:
-    trust_domain: str
-    namespace: str
-    service_account: str
-
-    def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
-
-
-@dataclass(frozen=True)
 class CheckedCsr:
     """A CSR whose signature, key and identity passed every check."""
     spki: bytes  # the public key as DER SubjectPublicKeyInfo, as the certificate will carry it
     spiffe: SpiffeId
 
 
-def valid_trust_domain(name: str) -> bool:
-    """SPIFFE's trust-domain rule: lowercase letters, digits, '.', '-', '_'."""
-    return bool(_TRUST_DOMAIN.fullmatch(name))
-
-
 def parse_spiffe(uri: str, trust_domain: str) -> SpiffeId | Refusal:
-    """Istio's workload id form only; anything looser could alias another identity."""
-    prefix = "spiffe://"
-    if not uri.startswith(prefix):
-        return Refusal("malformed_spiffe_id", f"{uri!r} is not a spiffe:// URI")
-    domain, _, path = uri[len(prefix):].partition("/")
-    if not valid_trust_domain(domain):
-        return Refusal("malformed_spiffe_id", f"{uri!r}: trust domain {domain!r} is not a valid SPIFFE "
-                       "trust domain (lowercase letters, digits, '.', '-', '_')")
-    if domain != trust_domain:
-        return Refusal("foreign_trust_domain", f"{uri!r} is in trust domain {domain!r}; "
+    """A well-formed workload id (meshapi.identity) in the trust domain this CA signs for."""
+    try:
+        spiffe = parse_spiffe_id(uri)
+    except SpiffeIdError as exc:
+        return Refusal("malformed_spiffe_id", str(exc))
+    if spiffe.trust_domain != trust_domain:
+        return Refusal("foreign_trust_domain", f"{uri!r} is in trust domain {spiffe.trust_domain!r}; "
                        f"this CA signs only for {trust_domain!r}")
-    parts = path.split("/")
-    if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
-        return Refusal("malformed_spiffe_id",
-                       f"{uri!r}: the path must be /ns/<namespace>/sa/<service-account>")
-    namespace, account = parts[1], parts[3]
-    if len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace):
-        return Refusal("malformed_spiffe_id", f"{uri!r}: namespace {namespace!r} is not a DNS-1123 label")
-    if len(account) > 253 or not all(_DNS_LABEL.fullmatch(p) for p in account.split(".")):
-        return Refusal("malformed_spiffe_id",
-                       f"{uri!r}: service account {account!r} is not a DNS-1123 subdomain")
-    return SpiffeId(domain, namespace, account)
+    return spiffe
 
 
 def check_csr(pem: str, trust_domain: str) -> CheckedCsr | Refusal:

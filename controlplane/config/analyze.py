@@ -22,9 +22,10 @@ from typing import Any
 from controlplane.config.diagnostics import ERROR, INFO, WARNING, Diagnostic, format_path
 from controlplane.config.model import Key, Resource
 from controlplane.config.yamlload import Path
+from meshapi import hosts as hostnames
+from meshapi.hosts import host_matches
 
 ROOT_NAMESPACE = "istio-system"
-CLUSTER_DOMAIN = "svc.cluster.local"
 MESH_GATEWAY = "mesh"
 # Labels Istio adds to endpoints from their node and cluster; files cannot show them, so a
 # subset selecting on them is not held against it.
@@ -123,22 +124,6 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def _fqdn(namespace: str, host: str) -> str:
-    """A short name is a Kubernetes service in `namespace`; wildcards and dotted names stay."""
-    return host if host.startswith("*") or "." in host else f"{host}.{namespace}.{CLUSTER_DOMAIN}"
-
-
-def host_matches(a: str, b: str) -> bool:
-    """Istio's host.Name.Matches: either side may be a wildcard (`*`, `*.example.com`)."""
-    if a.startswith("*") and b.startswith("*"):
-        return b[1:].endswith(a[1:]) if len(a) < len(b) else a[1:].endswith(b[1:])
-    if a.startswith("*"):
-        return b.endswith(a[1:])
-    if b.startswith("*"):
-        return a.endswith(b[1:])
-    return a == b
-
-
 def _export_scopes(namespace: str, export_to: list[str]) -> list[str]:
     """Where a resource is visible: "*" for everywhere, else namespaces ("." is its own)."""
     if not export_to or "*" in export_to:
@@ -218,11 +203,11 @@ class Mesh:
             ports = _ports(se.spec.get("ports"), "number")
             for host in _strs(se.spec.get("hosts")):
                 for scope in scopes:
-                    fqdn = _fqdn(se.namespace, host)
+                    fqdn = hostnames.fqdn(host, se.namespace)
                     self.hosts[scope, fqdn] = HostEntry(scope, fqdn, ports, se)
         for svc in self.by_kind["Service"]:
             export = _labels(svc.annotations).get("networking.istio.io/exportTo", "")
-            fqdn = _fqdn(svc.namespace, svc.name)
+            fqdn = hostnames.fqdn(svc.name, svc.namespace)
             for scope in _export_scopes(svc.namespace, [e.strip() for e in export.split(",") if e.strip()]):
                 self.hosts[scope, fqdn] = HostEntry(scope, fqdn, _ports(svc.spec.get("ports"), "port"), svc)
 
@@ -231,7 +216,7 @@ class Mesh:
 
     def lookup(self, namespace: str, export_to: list[str], host: str) -> HostEntry | None:
         """The Service or ServiceEntry a config in `namespace` reaches as `host` (GetDestinationHost)."""
-        fqdn = _fqdn(namespace, host)
+        fqdn = hostnames.fqdn(host, namespace)
         scopes = ["*"] + [namespace if e == "." else e for e in (export_to or [namespace])]
         for scope in scopes:
             if (scope, fqdn) in self.hosts:
@@ -287,13 +272,13 @@ def _destinations(vs: Resource) -> Iterator[_Destination]:
 
 
 def _subset_defined(mesh: Mesh, namespace: str, host: str, subset: str) -> bool:
-    fqdn = _fqdn(namespace, host)
+    fqdn = hostnames.fqdn(host, namespace)
     for dr in mesh.by_kind["DestinationRule"]:
         dr_host = dr.spec.get("host")
         scopes = _export_scopes(dr.namespace, _strs(dr.spec.get("exportTo")))
         if not isinstance(dr_host, str) or not ("*" in scopes or namespace in scopes):
             continue
-        dr_fqdn = _fqdn(dr.namespace, dr_host)
+        dr_fqdn = hostnames.fqdn(dr_host, dr.namespace)
         applies = dr_fqdn == fqdn or (dr_fqdn.startswith("*") and host_matches(dr_fqdn, fqdn))
         if applies and any(_map(s).get("name") == subset for s in _seq(dr.spec.get("subsets"))):
             return True
@@ -379,7 +364,7 @@ def check_mesh_gateway_hosts(mesh: Mesh) -> Iterator[Diagnostic]:
             continue
         for scope in _export_scopes(vs.namespace, _strs(vs.spec.get("exportTo"))):
             for host in _strs(vs.spec.get("hosts")):
-                groups[scope, _fqdn(vs.namespace, host)][vs.key] = vs
+                groups[scope, hostnames.fqdn(host, vs.namespace)][vs.key] = vs
     reported: set[Key] = set()
     for (scope, fqdn), members in sorted(groups.items()):
         conflicting = dict(members)
@@ -627,10 +612,10 @@ def _egress_host_exists(mesh: Mesh, namespace: str, dns: str) -> bool:
     def in_scope(r: Resource) -> bool:
         return namespace == "*" or r.namespace == namespace
 
-    fqdn = dns if namespace == "*" else _fqdn(namespace, dns)
+    fqdn = dns if namespace == "*" else hostnames.fqdn(dns, namespace)
     if any(in_scope(e.resource) and host_matches(e.fqdn, fqdn) for e in mesh.hosts.values()):
         return True
-    return any(in_scope(vs) and host_matches(_fqdn(vs.namespace, h), fqdn)
+    return any(in_scope(vs) and host_matches(hostnames.fqdn(h, vs.namespace), fqdn)
                for vs in mesh.by_kind["VirtualService"] for h in _strs(vs.spec.get("hosts")))
 
 

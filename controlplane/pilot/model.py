@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-DEFAULT_DOMAIN = "svc.cluster.local"
+from meshapi.groups import group_id
 
 
 class Protocol(enum.StrEnum):
@@ -106,18 +106,11 @@ class Proxy:
     locality: str = ""
 
     @property
-    def spiffe_id(self) -> str:
-        return f"spiffe://cluster.local/ns/{self.namespace}/sa/{self.service_account}"
+    def group(self) -> str:
+        """The config group it follows (meshapi.groups): equal inputs, one published config."""
+        return group_id(self.namespace, self.labels, self.service_account)
 
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     """A Kubernetes-style equality selector; an empty selector matches everything."""
     return all(labels.get(k) == v for k, v in selector.items())
-
-
-def fqdn(host: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> str:
-    """Istio's short-name resolution: `reviews` in namespace `default` is
-    reviews.default.svc.cluster.local; names with dots are taken as written."""
-    if "." in host or host == "*":
-        return host
-    return f"{host}.{namespace}.{domain}"

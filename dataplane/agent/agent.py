@@ -40,6 +40,7 @@ from bus.logs import Log
 from dataplane.agent.certs import cert_problem
 from dataplane.agent.child import Child
 from dataplane.agent.merge import merge_expositions
+from meshapi import ports
 
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 POLL_EVERY = 0.2  # seconds between checks that the children still run
@@ -54,15 +55,15 @@ ReadyCheck = Callable[[], str | None]
 @dataclass
 class AgentOptions:
     proxy_args: Sequence[str]
-    proxy_admin_port: int = 15000
-    proxy_stats_port: int = 15090
-    handover_admin_port: int = 15002  # the other pair: a hand-over alternates between the two
-    handover_stats_port: int = 15091
+    proxy_admin_port: int = ports.PROXY_ADMIN
+    proxy_stats_port: int = ports.PROXY_METRICS
+    handover_admin_port: int = ports.HANDOVER_ADMIN  # the other pair: a hand-over alternates between the two
+    handover_stats_port: int = ports.HANDOVER_METRICS
     handover_timeout: float = 30.0
     health_host: str = "0.0.0.0"
-    health_port: int = 15021
+    health_port: int = ports.HEALTH
     metrics_host: str = "0.0.0.0"
-    metrics_port: int = 15020
+    metrics_port: int = ports.AGENT_METRICS
     app_metrics: str | None = None
     proxy_uid: int | None = None
     proxy_gid: int | None = None
@@ -71,7 +72,7 @@ class AgentOptions:
     ready_checks: list[ReadyCheck] = field(default_factory=list)
     certs: Path | None = None
     decider_queue: int | None = None
-    decider_metrics_port: int = 15005
+    decider_metrics_port: int = ports.DECIDER_METRICS
     decider_backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.2, cap=5.0))
 
 
@@ -151,7 +152,7 @@ class Agent:
     def _command(self, ports: tuple[int, int]) -> list[str]:
         # ours come last: click keeps the last value, so the ports we probe are the ports it opens
         certs = ["--certs", str(self.opts.certs)] if self._certs_arg else []
-        return [sys.executable, "-m", "controlplane.meshctl", "proxy", *self.opts.proxy_args, *certs,
+        return [sys.executable, "-m", "dataplane.proxy", *self.opts.proxy_args, *certs,
                 "--admin-port", str(ports[0]), "--stats-port", str(ports[1])]
 
     def _proxy_child(self, ports: tuple[int, int]) -> Child:

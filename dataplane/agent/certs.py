@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-KEY_FILE, CHAIN_FILE, ROOT_FILE, VERSION_FILE = "key.pem", "cert-chain.pem", "root-cert.pem", "version"
+from meshapi.identity import CHAIN_FILE, KEY_FILE, ROOT_FILE
 
 
 def _validity(pem: bytes, what: str, now: datetime) -> str | None:

@@ -9,15 +9,17 @@ from pathlib import Path
 import click
 
 from bus import logs
+from meshapi import ports
 
 
 @click.command("agent")
-@click.option("--health-port", type=int, default=15021, show_default=True, help="Serves /healthz/ready.")
-@click.option("--metrics-port", type=int, default=15020, show_default=True,
+@click.option("--health-port", type=int, default=ports.HEALTH, show_default=True,
+              help="Serves /healthz/ready.")
+@click.option("--metrics-port", type=int, default=ports.AGENT_METRICS, show_default=True,
               help="Serves /stats/prometheus: agent, proxy and app metrics merged.")
-@click.option("--proxy-admin-port", type=int, default=15000, show_default=True,
+@click.option("--proxy-admin-port", type=int, default=ports.PROXY_ADMIN, show_default=True,
               help="The proxy's admin port (passed to it as --admin-port).")
-@click.option("--proxy-stats-port", type=int, default=15090, show_default=True,
+@click.option("--proxy-stats-port", type=int, default=ports.PROXY_METRICS, show_default=True,
               help="The proxy's metrics port (passed to it as --stats-port).")
 @click.option("--app-metrics", default=None, help="The app's Prometheus URL, merged into ours.")
 @click.option("--proxy-uid", type=int, default=None, help="Run the proxy as this user (Istio: 1337).")
@@ -29,9 +31,9 @@ from bus import logs
 @click.option("--restart-max", type=float, default=30.0, show_default=True, help="Restart delay cap.")
 @click.option("--restart-reset", type=float, default=60.0, show_default=True,
               help="Uptime (seconds) after which the restart delay starts over.")
-@click.option("--handover-admin-port", type=int, default=15002, show_default=True,
+@click.option("--handover-admin-port", type=int, default=ports.HANDOVER_ADMIN, show_default=True,
               help="Admin port of the proxy a hand-over (SIGHUP) starts while the old one still runs.")
-@click.option("--handover-stats-port", type=int, default=15091, show_default=True,
+@click.option("--handover-stats-port", type=int, default=ports.HANDOVER_METRICS, show_default=True,
               help="Metrics port of the proxy a hand-over starts.")
 @click.option("--certs", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The workload's certificate directory (key.pem, cert-chain.pem, root-cert.pem): "
@@ -39,7 +41,8 @@ from bus import logs
 @click.option("--decider-queue", type=click.IntRange(0, 65535), default=None,
               help="Also run the NFQUEUE decider on this queue (`meshctl iptables --nfqueue`), fed with "
                    "the proxy's config.")
-@click.option("--decider-metrics-port", type=click.IntRange(1, 65535), default=15005, show_default=True,
+@click.option("--decider-metrics-port", type=click.IntRange(1, 65535), default=ports.DECIDER_METRICS,
+              show_default=True,
               help="The decider's metrics port on 127.0.0.1 (merged into --metrics-port).")
 @click.argument("proxy_args", nargs=-1, type=click.UNPROCESSED)
 def agent_command(health_port: int, metrics_port: int, proxy_admin_port: int, proxy_stats_port: int,
@@ -75,7 +78,7 @@ def agent_command(health_port: int, metrics_port: int, proxy_admin_port: int, pr
 
 
 @click.command("wait")
-@click.option("--health-url", default="http://127.0.0.1:15021/healthz/ready", show_default=True)
+@click.option("--health-url", default=f"http://127.0.0.1:{ports.HEALTH}/healthz/ready", show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds before giving up.")
 @click.option("--interval", type=float, default=0.5, show_default=True, help="Seconds between probes.")
 def wait_command(health_url: str, timeout: float, interval: float) -> None:

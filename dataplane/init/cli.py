@@ -12,6 +12,8 @@ import click
 from bus import logs
 from bus.logs import Log
 from dataplane.init import iptables, rules
+from meshapi import ports
+from meshapi.identity import PROXY_UID
 
 T = TypeVar("T")
 _log = Log("init")
@@ -25,11 +27,11 @@ def _parse(parser: Callable[[str], T], flag: str, text: str) -> T:
 
 
 @click.command("iptables")
-@click.option("-p", "--envoy-port", "proxy_port", type=click.IntRange(1, 65535), default=15001,
+@click.option("-p", "--envoy-port", "proxy_port", type=click.IntRange(1, 65535), default=ports.OUTBOUND,
               show_default=True, help="Where outbound connections are redirected.")
-@click.option("-z", "--inbound-capture-port", "inbound_port", type=click.IntRange(1, 65535), default=15006,
-              show_default=True, help="Where inbound connections are redirected.")
-@click.option("-u", "--proxy-uid", default="1337", show_default=True,
+@click.option("-z", "--inbound-capture-port", "inbound_port", type=click.IntRange(1, 65535),
+              default=ports.INBOUND, show_default=True, help="Where inbound connections are redirected.")
+@click.option("-u", "--proxy-uid", default=str(PROXY_UID), show_default=True,
               help="The proxy's user ids (comma-separated); their traffic is not redirected.")
 @click.option("-g", "--proxy-gid", default=None, help="The proxy's group ids [default: the -u list].")
 @click.option("-m", "--istio-inbound-interception-mode", "mode", type=click.Choice(["REDIRECT"]),

@@ -38,8 +38,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from bus.endpoints import SIDECAR_PORTS
 from dataplane.init.policy import MARK_MASK, Verdict
+from meshapi import ports
+from meshapi.identity import PROXY_UID
 
 ALL: Literal["*"] = "*"
 T = TypeVar("T")
@@ -50,8 +51,7 @@ TABLES = ("mangle", "nat", "filter")
 OWNED = {"mangle": ("ISTIO_DECIDE", "ISTIO_KNOWN"),
          "nat": ("ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT"),
          "filter": ("ISTIO_DENY",)}
-NEVER_INBOUND = tuple(SIDECAR_PORTS[k] for k in ("outbound", "inbound", "agent-metrics", "health",
-                                                  "proxy-metrics"))
+NEVER_INBOUND = (ports.OUTBOUND, ports.INBOUND, ports.AGENT_METRICS, ports.HEALTH, ports.PROXY_METRICS)
 LOOPBACK = {4: "127.0.0.1/32", 6: "::1/128"}
 INBOUND_PASSTHROUGH = {4: "127.0.0.6/32", 6: "::6/128"}  # the source Istio's inbound passthrough binds
 
@@ -60,10 +60,10 @@ INBOUND_PASSTHROUGH = {4: "127.0.0.6/32", 6: "::6/128"}  # the source Istio's in
 class Options:
     """istio-iptables' flags; the defaults are what Istio's injector passes."""
 
-    proxy_port: int = 15001                       # -p
-    inbound_port: int = 15006                     # -z
-    proxy_uids: tuple[str, ...] = ("1337",)       # -u
-    proxy_gids: tuple[str, ...] = ("1337",)       # -g
+    proxy_port: int = ports.OUTBOUND              # -p
+    inbound_port: int = ports.INBOUND             # -z
+    proxy_uids: tuple[str, ...] = (str(PROXY_UID),)  # -u
+    proxy_gids: tuple[str, ...] = (str(PROXY_UID),)  # -g
     include_cidrs: Cidrs = ALL                    # -i
     exclude_cidrs: tuple[str, ...] = ()           # -x
     include_inbound_ports: Ports = ALL            # -b

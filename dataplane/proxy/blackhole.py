@@ -39,9 +39,9 @@ from collections.abc import Callable
 
 from bus.logs import BurstLog, Log
 from dataplane.proxy.stats import Stats
+from meshapi.ports import RESERVED as RESERVED_PORTS
 
 BLACKHOLE = "BlackHoleCluster"
-RESERVED_PORTS = frozenset({15000, 15001, 15006, 15020, 15021, 15090})
 HTTP_STATUS = 502
 HTTP_BODY = b"blackholed: the destination is this proxy's own listener"
 COUNTER = ("cluster", BLACKHOLE, "upstream_cx_none_healthy")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from bus import endpoints, logs
+from meshapi import ports
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -46,10 +47,10 @@ def _labels(text: str) -> dict[str, str]:
 @click.option("--app-host", default="127.0.0.1", show_default=True,
               help="Where inbound traffic reaches the app (loopback pods each have an address).")
 @click.option("--workers", type=int, default=0, help="Worker processes (0: one per core).")
-@click.option("--outbound-port", type=int, default=15001, show_default=True)
-@click.option("--inbound-port", type=int, default=15006, show_default=True)
-@click.option("--admin-port", type=int, default=15000, show_default=True)
-@click.option("--stats-port", type=int, default=15090, show_default=True)
+@click.option("--outbound-port", type=int, default=ports.OUTBOUND, show_default=True)
+@click.option("--inbound-port", type=int, default=ports.INBOUND, show_default=True)
+@click.option("--admin-port", type=int, default=ports.PROXY_ADMIN, show_default=True)
+@click.option("--stats-port", type=int, default=ports.PROXY_METRICS, show_default=True)
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--max-connections", type=click.IntRange(min=0), default=0, show_default=True,
               help="Downstream connections each worker holds at most (Envoy's global_downstream_max_"

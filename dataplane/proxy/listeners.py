@@ -48,8 +48,6 @@ from dataplane.proxy.tcp import Forwarder
 
 Address = tuple[str, int]
 
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
 SNIFF_TIMEOUT = 0.1
 STRICT, PERMISSIVE, DISABLE = "STRICT", "PERMISSIVE", "DISABLE"
 L7_PROTOCOLS = frozenset({"HTTP"})

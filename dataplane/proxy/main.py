@@ -25,6 +25,7 @@ from bus.logs import Log
 from dataplane.proxy.admin import AdminState, serve
 from dataplane.proxy.supervisor import WorkerError, Workers
 from dataplane.proxy.worker import WorkerOptions
+from meshapi import ports
 
 HEARTBEAT = 5.0  # seconds; pilot's lease is 15 s
 
@@ -43,7 +44,8 @@ class BusOptions:
 
 class Sidecar:
     def __init__(self, opts: WorkerOptions, workers: int, admin_host: str = "127.0.0.1",
-                 admin_port: int = 15000, stats_host: str = "0.0.0.0", stats_port: int = 15090) -> None:
+                 admin_port: int = ports.PROXY_ADMIN, stats_host: str = "0.0.0.0",
+                 stats_port: int = ports.PROXY_METRICS) -> None:
         self.log = Log("proxy", proxy=opts.node_id)
         self.node_id = opts.node_id
         opts = dataclasses.replace(opts, reserved=((admin_host, admin_port), (stats_host, stats_port)))
@@ -148,8 +150,8 @@ def _follow_pilot(sidecar: Sidecar, bus: BusOptions) -> Any:
     from bus.loop import Loop
     from bus.rpc import AsyncRpcClient
     from bus.signing import Verifier
-    from controlplane.pilot.xds import groups
     from dataplane.xds import ConfigFollower, ConfigUpdate, keep_registered
+    from meshapi import groups
 
     loop = Loop("proxy-bus").start()
     ring = Keyring(bus.key_dir, bus.name) if bus.key_dir else None

@@ -28,6 +28,7 @@ from dataplane.proxy.http.options import http_options
 from dataplane.proxy.reactor import Reactor
 from dataplane.proxy.routing import RouteConfig, build_route_configs
 from dataplane.proxy.stats import Stats
+from meshapi.config import ProxyConfig
 
 PASSTHROUGH = "PassthroughCluster"
 
@@ -39,7 +40,7 @@ class ConfigError(ValueError):
 @dataclass(eq=False)
 class Snapshot:
     version: str
-    config: dict[str, Any]
+    config: ProxyConfig
     routes: dict[str, RouteConfig]
     clusters: dict[str, Cluster]
     outbound: dict[int, list[dict[str, Any]]]   # port -> outbound listeners on it (one per service)
@@ -66,9 +67,9 @@ class Snapshot:
 EMPTY = Snapshot("", {}, {}, {}, {}, {}, {}, "ALLOW_ANY")
 
 
-def compile_snapshot(config: dict[str, Any], previous: Snapshot | None = None,
+def compile_snapshot(config: ProxyConfig, previous: Snapshot | None = None,
                      rng: random.Random | None = None) -> Snapshot:
-    """Compile a proxy config (controlplane.pilot.networking's schema) or raise ConfigError."""
+    """Compile a proxy config (meshapi/config.py) or raise ConfigError."""
     try:
         listeners = config["listeners"]
         routes = build_route_configs(config, previous.routes if previous else None)
@@ -101,7 +102,7 @@ def compile_snapshot(config: dict[str, Any], previous: Snapshot | None = None,
                     normalization)
 
 
-def _check_references(config: dict[str, Any], routes: dict[str, RouteConfig], clusters: dict[str, Cluster],
+def _check_references(config: ProxyConfig, routes: dict[str, RouteConfig], clusters: dict[str, Cluster],
                       outbound: dict[int, list[dict[str, Any]]], inbound: dict[int, dict[str, Any]]) -> None:
     """Every name a listener or route uses must exist: a dangling one would fail requests later."""
     for listeners in outbound.values():
@@ -140,7 +141,7 @@ class Runtime:
     own: OwnListeners = field(default_factory=OwnListeners)
     limit: ConnectionLimit | None = None
 
-    def apply(self, config: dict[str, Any]) -> Snapshot:
+    def apply(self, config: ProxyConfig) -> Snapshot:
         """Compile and swap in `config` (raises ConfigError, leaving the old one in force)."""
         snapshot = compile_snapshot(config, self.snapshot, self.rng)
         self.snapshot = snapshot

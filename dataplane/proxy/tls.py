@@ -38,8 +38,8 @@ from cryptography import x509
 
 from bus.logs import BurstLog, Log
 from dataplane.proxy.reactor import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor
+from meshapi.identity import CHAIN_FILE, KEY_FILE, ROOT_FILE, SCHEME, VERSION_FILE
 
-KEY_FILE, CHAIN_FILE, ROOT_FILE, VERSION_FILE = "key.pem", "cert-chain.pem", "root-cert.pem", "version"
 HANDSHAKE_TIMEOUT = 10.0
 ISTIO_MUTUAL = "ISTIO_MUTUAL"
 _MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -68,7 +68,7 @@ def cert_identity(pem: bytes) -> str:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (ValueError, x509.ExtensionNotFound) as exc:
         raise CertError(f"the leaf certificate has no usable SAN: {exc}") from exc
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(SCHEME)]
     if not uris:
         raise CertError("the leaf certificate has no spiffe:// URI SAN")
     return uris[0]
@@ -78,7 +78,7 @@ def peer_identity(sock: ssl.SSLSocket) -> str:
     """The verified peer's SPIFFE id ("" when its certificate names none)."""
     cert = sock.getpeercert() or {}
     for kind, value in cert.get("subjectAltName", ()):
-        if kind == "URI" and value.startswith("spiffe://"):
+        if kind == "URI" and value.startswith(SCHEME):
             return value
     return ""
 

@@ -23,11 +23,12 @@ from bus.logs import Log
 from dataplane.proxy import accesslog, sockets
 from dataplane.proxy.connlimit import ConnectionLimit, default_limit
 from dataplane.proxy.control import FrameError, FrameReader, frame
-from dataplane.proxy.listeners import INBOUND_PORT, OUTBOUND_PORT, SidecarListener
+from dataplane.proxy.listeners import SidecarListener
 from dataplane.proxy.reactor import EPOLLIN, Reactor
 from dataplane.proxy.runtime import ConfigError, Runtime
 from dataplane.proxy.stats import Stats, Workload
 from dataplane.proxy.tls import WorkloadCerts
+from meshapi import ports
 
 TICK = 1.0  # outlier un-ejection, access-log flush
 LOCALHOST = "127.0.0.1"  # where pilot's inbound clusters send: the app beside the proxy
@@ -38,8 +39,8 @@ class WorkerOptions:
     node_id: str
     workload: Workload
     mode: str = "transparent"            # or "explicit"
-    outbound_port: int = OUTBOUND_PORT
-    inbound_port: int = INBOUND_PORT
+    outbound_port: int = ports.OUTBOUND
+    inbound_port: int = ports.INBOUND
     bind: str = "0.0.0.0"
     explicit_host: str = "127.0.0.1"    # explicit mode: the outbound listeners (where the app sends)
     inbound_host: str | None = None      # explicit mode: the inbound listener (peers); None: explicit_host

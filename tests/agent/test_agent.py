@@ -17,19 +17,17 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane.meshctl import cli
-from tests.conftest import ROOT, free_port, wait_for
+from meshctl.cli import cli
+from tests.conftest import MESHCTL, ROOT, free_port, wait_for
 from tests.proxy.backends import Backend, text_server
 from tests.proxy.backends import echo as echo_back
 from tests.proxy.test_sidecar import http_get, roundtrip, tcp_config
-
-MESHCTL = str(ROOT / ".venv" / "bin" / "meshctl")
 
 
 def meshctl(name: str) -> list[str]:
     """`meshctl <name>`, or the command itself while it is not registered in meshctl yet."""
     if name in cli.commands:
-        return [MESHCTL, name]
+        return [*MESHCTL, name]
     return [sys.executable, "-c", f"from dataplane.agent.cli import {name}_command as c; c()"]
 
 

@@ -99,7 +99,7 @@ def route(topo: Topology, host: str) -> str:
 
 def start_agent(topo: Topology, config: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
     # root in group 1337 (the rules exempt uid or gid 1337): the venv's python lives under root's home
-    args = [sys.executable, "-m", "controlplane.meshctl", "agent", "--proxy-gid", PROXY_ID,
+    args = [sys.executable, "-m", "meshctl", "agent", "--proxy-gid", PROXY_ID,
             "--termination-drain-duration", "1", "--restart-initial", "0.2", *flags,
             "--", "--id", "pod-1", "--config", str(config), "--mode", "transparent", "--workers", "1",
             "--no-access-log"]
@@ -231,6 +231,6 @@ def test_sighup_hands_the_proxy_over_without_losing_a_connection(servers: Topolo
 
 
 def test_bad_handover_ports_are_refused_clearly() -> None:
-    done = subprocess.run([sys.executable, "-m", "controlplane.meshctl", "agent", "--handover-admin-port",
+    done = subprocess.run([sys.executable, "-m", "meshctl", "agent", "--handover-admin-port",
                            "15000", "--", "--id", "x"], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert done.returncode == 2 and "hand-over ports must differ" in done.stderr

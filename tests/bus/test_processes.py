@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.bus.helpers import subscriber
-from tests.conftest import free_port, metric, wait_for
+from tests.conftest import MESHCTL, free_port, metric, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-MESHCTL = Path(sys.executable).with_name("meshctl")
 
 
 class Proc:
@@ -84,7 +83,7 @@ def test_subscriber_process_restarted_gets_everything_it_missed(keydir, procs) -
     pub = start_publisher(procs, keydir, pub_ep, snap_ep, "cfg/a=1")
 
     def watcher() -> Proc:
-        proc = Proc([str(MESHCTL), "bus", "watch", "--keys", str(keydir), "--as", "proxy-a",
+        proc = Proc([*MESHCTL, "bus", "watch", "--keys", str(keydir), "--as", "proxy-a",
                      "--server", "pilot", "--pub", pub_ep, "--snapshot", snap_ep, "cfg/"])
         procs.append(proc)
         return proc

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ from controlplane.config.analyze import analyze, covers
 from controlplane.config.analyze_cli import EXIT_ERRORS, EXIT_WARNINGS
 from controlplane.config.diagnostics import Diagnostic
 from controlplane.config.validate import load_paths, load_text
-from controlplane.meshctl import cli
+from meshctl.cli import cli
+from tests.conftest import MESHCTL
 
 # reviews (v1, v2) and ratings (v1) in default; details (v1) in other
 WORKLOADS = """
@@ -570,12 +570,11 @@ def test_table_output_aligns_columns(configs: dict[str, Path]) -> None:
     assert {row.index(str(configs["error"].parent)) for row in rows} == {header.index("LOCATION")}
 
 
-MESHCTL = Path(sys.executable).with_name("meshctl")
 
 
 @pytest.mark.parametrize(("config", "code"), [("clean", 0), ("warning", 79), ("error", 80)])
 def test_meshctl_analyze_process_exit_codes(configs: dict[str, Path], config: str, code: int) -> None:
-    proc = subprocess.run([str(MESHCTL), "analyze", "-f", str(configs[config])], capture_output=True,
+    proc = subprocess.run([*MESHCTL, "analyze", "-f", str(configs[config])], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == code, proc.stderr
     if config == "clean":

@@ -1,4 +1,4 @@
-"""The whole mesh on this machine (controlplane.localmesh, as `meshctl up` runs it), once per module.
+"""The whole mesh on this machine (meshctl.localmesh, as `meshctl up` runs it), once per module.
 
 Every pod is a network namespace with istio-init's rules; the apps dial service names and never
 learn about the sidecars. Tests talk from inside a pod's namespace (`Mesh.http`), so their
@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.localmesh import netns
-from controlplane.localmesh.mesh import BOOKINFO, Mesh, MeshError
+from meshctl.localmesh import netns
+from meshctl.localmesh.mesh import BOOKINFO, Mesh, MeshError
 from tests.conftest import unavailable
 
 

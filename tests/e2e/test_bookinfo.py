@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from controlplane.localmesh.mesh import EXTERNAL_IP, EXTERNAL_PORT, Mesh, MeshError
+from meshctl.localmesh.mesh import EXTERNAL_IP, EXTERNAL_PORT, Mesh, MeshError
 from tests.e2e.conftest import get_json, metric, sample, scrape, versions
 
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from controlplane.localmesh import netns
-from controlplane.localmesh.mesh import Mesh, MeshError
+from meshctl.localmesh import netns
+from meshctl.localmesh.mesh import Mesh, MeshError
 from tests.conftest import unavailable
 from tests.e2e.conftest import metric, scrape, tail_logs
 

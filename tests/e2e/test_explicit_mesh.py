@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from controlplane.localmesh import loopback, netns
-from controlplane.localmesh.loopback import LoopbackMesh
-from controlplane.localmesh.mesh import BOOKINFO, MeshError
 from dataplane.proxy.worker import app_on
+from meshctl.localmesh import loopback, netns
+from meshctl.localmesh.loopback import LoopbackMesh
+from meshctl.localmesh.mesh import BOOKINFO, MeshError
 from tests.e2e.conftest import metric
 
 STRICT = """\
@@ -177,7 +177,7 @@ def test_sweep_stops_what_a_crashed_run_left_and_only_that() -> None:
 def test_meshctl_up_explicit_and_down_leave_nothing(tmp_path: Path) -> None:
     """The CLI end to end: up prints what to try (the first curl works), `down` stops it and everything."""
     run_dir = tmp_path / "run"
-    up = subprocess.Popen([sys.executable, "-m", "controlplane.meshctl", "up", "--explicit", "--run-dir",
+    up = subprocess.Popen([sys.executable, "-m", "meshctl", "up", "--explicit", "--run-dir",
                            str(run_dir), "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True)
     lines: list[str] = []
@@ -198,7 +198,7 @@ def test_meshctl_up_explicit_and_down_leave_nothing(tmp_path: Path) -> None:
                               text=True, timeout=20)
         assert json.loads(done.stdout)["details"]["service"] == "details", done.stdout
         pids = [p.pid for p in netns.State.load(state).procs]
-        down = subprocess.run([sys.executable, "-m", "controlplane.meshctl", "down", "--run-dir",
+        down = subprocess.run([sys.executable, "-m", "meshctl", "down", "--run-dir",
                                str(run_dir)], capture_output=True, text=True, timeout=60)
         assert down.returncode == 0 and "removed the mesh" in down.stdout, down.stdout + down.stderr
         assert up.wait(30) == 0

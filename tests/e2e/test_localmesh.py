@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.localmesh import netns
-from controlplane.localmesh.bookinfo import App
-from controlplane.localmesh.mesh import Mesh, MeshError
+from meshctl.localmesh import netns
+from meshctl.localmesh.bookinfo import App
+from meshctl.localmesh.mesh import Mesh, MeshError
 from tests.conftest import ROOT, unavailable, wait_for
 
 
@@ -89,13 +89,13 @@ def test_bookinfo_answers_name_their_version_and_fail_once_fails_once() -> None:
 
 
 def test_bookinfo_cli_refuses_an_unknown_service() -> None:
-    done = subprocess.run([sys.executable, "-m", "controlplane.localmesh.bookinfo", "carts", "v1"],
+    done = subprocess.run([sys.executable, "-m", "meshctl.localmesh.bookinfo", "carts", "v1"],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 2 and "carts" in done.stderr
 
 
 def test_down_with_nothing_up_says_so(root: None, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "controlplane.meshctl", "down", "--run-dir", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "meshctl", "down", "--run-dir", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0 and "nothing to remove" in done.stdout, done.stderr
 

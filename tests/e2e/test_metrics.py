@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.localmesh.mesh import Mesh
+from meshctl.localmesh.mesh import Mesh
 from tests.e2e.conftest import get_json, running_mesh
 from tests.promtool import UNIT, expected, lint, scrape
 

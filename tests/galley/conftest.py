@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +15,7 @@ import pytest
 from bus.loop import Loop
 from controlplane.galley.etcd import EtcdClient
 from tests.bus.helpers import subscriber
-from tests.conftest import free_port, wait_for
-
-MESHCTL = str(Path(sys.executable).with_name("meshctl"))
+from tests.conftest import MESHCTL, free_port, wait_for
 
 
 class Etcd:
@@ -72,7 +69,7 @@ class GalleyProcess:
         # below Linux's ephemeral ports; galley uses base+0, +1 and +9
         self.base = 21000 + os.getpid() % 1000 * 10
         self.proc = subprocess.Popen(
-            [MESHCTL, "galley", "--keys", str(keydir), "--name", "pilot", "--config-dir", str(config),
+            [*MESHCTL, "galley", "--keys", str(keydir), "--name", "pilot", "--config-dir", str(config),
              "--port-base", str(self.base)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.sub = subscriber(sub_loop, keydir, None, prefix="galley/", server="pilot", silence_timeout=3,
                               pub_endpoint=f"tcp://127.0.0.1:{self.base}",

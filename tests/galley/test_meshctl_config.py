@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from controlplane.meshctl import cli
+from meshctl.cli import cli
 from tests.conftest import wait_for
 
 BAD_DR = """apiVersion: networking.istio.io/v1

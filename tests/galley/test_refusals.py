@@ -16,7 +16,7 @@ from controlplane.galley.etcd import EtcdClient
 from controlplane.galley.service import STATUS_KEY, Galley
 from controlplane.galley.source_dir import write_atomically
 from controlplane.galley.source_etcd import EtcdSource
-from controlplane.meshctl import cli
+from meshctl.cli import cli
 from tests.bus.helpers import publisher, subscriber
 from tests.config.bombs import alias_bomb, at
 from tests.conftest import wait_for
@@ -49,7 +49,7 @@ MESHCTL_PEAK = ("import atexit, sys\n"
                 "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
                 "    sys.stderr.write(hwm)\n"
                 "atexit.register(peak)\n"
-                "from controlplane.meshctl import main\n"
+                "from meshctl.cli import main\n"
                 "sys.argv[0] = 'meshctl'\n"
                 "main()\n")
 

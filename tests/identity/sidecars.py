@@ -26,9 +26,8 @@ from typing import Any
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import MESHCTL, free_port, wait_for
 
-MESHCTL = str(ROOT / ".venv" / "bin" / "meshctl")
 SERVICE = "server.default.svc.cluster.local"
 
 
@@ -96,7 +95,7 @@ class Sidecar:
         self.admin_port, self.stats_port = free_port(), free_port()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [MESHCTL, "proxy", "--id", wid, "--config", str(self.config), "--mode", "explicit",
+                [*MESHCTL, "proxy", "--id", wid, "--config", str(self.config), "--mode", "explicit",
                  "--workers", "1", "--inbound-port", str(self.inbound_port), "--admin-port",
                  str(self.admin_port), "--stats-port", str(self.stats_port), "--no-access-log",
                  "--certs", str(certs)], stderr=log, stdout=subprocess.DEVNULL)

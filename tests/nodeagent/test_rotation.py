@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bus.backoff import Backoff
-from nodeagent.certs import CertDir, CertSet, chains_to, check_leaf, new_key_and_csr, spiffe_id, split_pem
+from meshapi.identity import spiffe_id
+from nodeagent.certs import CertDir, CertSet, chains_to, check_leaf, new_key_and_csr, split_pem
 from nodeagent.rotation import Rotation
 from nodeagent.workloads import Inventory, WorkloadError, parse_text, parse_workload
 

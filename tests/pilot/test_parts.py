@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from controlplane.pilot.networking import ProxyParts, build_proxy_config, build_proxy_parts, config_hash
-from controlplane.pilot.networking.parts import MANIFEST, Assembler, PartSet, assemble, split
+from meshapi.parts import MANIFEST, Assembler, PartSet, assemble, split
 from tests.pilot.test_translation import files, proxy, push_of
 
 REVIEWS_80_20 = "bookinfo/virtual-service-reviews-80-20.yaml"

@@ -187,7 +187,7 @@ def test_a_pilot_restart_gives_reconnecting_proxies_the_same_version_without_a_s
 def test_proxy_config_shows_what_the_proxy_applied(mesh) -> None:
     from click.testing import CliRunner
 
-    from controlplane.meshctl import cli
+    from meshctl.cli import cli
 
     p = mesh.proxy("reviews-1", {"app": "reviews", "version": "v1"}, "10.0.0.3")
     assert wait_for(lambda: p.applied, timeout=10)

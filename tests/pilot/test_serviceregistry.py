@@ -10,7 +10,8 @@ import pytest
 from controlplane.config.model import Resource
 from controlplane.config.validate import load_paths, load_text
 from controlplane.pilot.model import Protocol
-from controlplane.pilot.serviceregistry import Registrations, ServiceRegistry, services_from_config
+from controlplane.pilot.serviceregistry.aggregate import ServiceRegistry, services_from_config
+from controlplane.pilot.serviceregistry.leases import Registrations
 
 BOOKINFO_HOSTS = [f"{n}.default.svc.cluster.local" for n in ("details", "productpage", "ratings", "reviews")]
 
@@ -306,7 +307,7 @@ def test_registration_backs_matching_service_and_is_a_proxy() -> None:
     [proxy] = reg.registrations.proxies()
     assert (proxy.id, proxy.namespace, proxy.ip, proxy.node) == (
         "reviews-v1-abc", "default", "10.0.0.1", "node-a")
-    assert proxy.spiffe_id == "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    assert proxy.service_account == "bookinfo-reviews"
     assert {"app": "reviews", "version": "v1"} in reg.workload_labels("default")
 
 

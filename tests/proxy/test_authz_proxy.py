@@ -31,7 +31,7 @@ from dataplane.proxy.listeners import SidecarListener
 from dataplane.proxy.reactor import Reactor
 from dataplane.proxy.runtime import ConfigError, Runtime
 from dataplane.proxy.stats import Stats, Workload
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import MESHCTL, free_port, wait_for
 from tests.proxy.backends import Backend as TcpBackend
 from tests.proxy.backends import echo, run_on
 from tests.proxy.l7helpers import Backend, Client, endpoint
@@ -39,7 +39,6 @@ from tests.proxy.l7helpers import Proxy as HttpProxy
 from tests.proxy.test_mtls import CLIENT_ID, SERVER_ID, Ca, Side, server_config, tls_client, tls_get
 from tests.proxy.test_mtls import SERVICE as MTLS_SERVICE
 
-MESHCTL = str(ROOT / ".venv" / "bin" / "meshctl")
 SERVICE = "app.default.svc.cluster.local"
 
 
@@ -299,7 +298,7 @@ class ProxyProcess:
         self.admin, self.stats, self.inbound = free_port(), free_port(), free_port()
         self.log = (tmp / "proxy.log").open("wb")
         self.proc = subprocess.Popen(
-            [MESHCTL, "proxy", "--id", "app-1", "--namespace", "default", "--labels", "app=app",
+            [*MESHCTL, "proxy", "--id", "app-1", "--namespace", "default", "--labels", "app=app",
              "--config", str(self.path), "--mode", "explicit", "--workers", "1", "--inbound-port",
              str(self.inbound), "--admin-port", str(self.admin), "--stats-port", str(self.stats),
              "--no-access-log"], stderr=self.log)

@@ -36,7 +36,7 @@ from dataplane.proxy.runtime import Runtime
 from dataplane.proxy.stats import LABELS, TCP_LABELS, Stats, Workload
 from dataplane.proxy.tls import CertError, WorkloadCerts
 from nodeagent.certs import CertDir, CertSet
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import MESHCTL, free_port, wait_for
 from tests.proxy.backends import Backend as TcpBackend
 from tests.proxy.backends import echo, run_on
 from tests.proxy.l7helpers import Backend, Client, reply, request_bytes
@@ -46,7 +46,6 @@ TD = "cluster.local"
 CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
 SERVER_ID = f"spiffe://{TD}/ns/prod/sa/server"
 SERVICE = "server.prod.svc.cluster.local"
-MESHCTL = str(ROOT / ".venv" / "bin" / "meshctl")
 
 
 # --- certificates -----------------------------------------------------------------------------
@@ -543,7 +542,7 @@ def test_sidecar_process_reloads_certificates_without_failing_requests(tmp_path:
     inbound, stats = free_port(), free_port()
     log = (tmp_path / "proxy.log").open("wb")
     proc = subprocess.Popen(
-        [MESHCTL, "proxy", "--id", "server-1", "--namespace", "prod", "--labels", "app=server",
+        [*MESHCTL, "proxy", "--id", "server-1", "--namespace", "prod", "--labels", "app=server",
          "--config", str(config), "--mode", "explicit", "--workers", "1", "--inbound-port", str(inbound),
          "--admin-port", str(free_port()), "--stats-port", str(stats), "--no-access-log",
          "--certs", str(certs)], stderr=log)
@@ -597,7 +596,7 @@ def test_sidecar_process_reloads_certificates_without_failing_requests(tmp_path:
 
 def test_proxy_cli_refuses_a_file_as_cert_dir(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    done = subprocess.run([MESHCTL, "proxy", "--id", "x", "--config", str(tmp_path / "file"),
+    done = subprocess.run([*MESHCTL, "proxy", "--id", "x", "--config", str(tmp_path / "file"),
                            "--certs", str(tmp_path / "file")], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--certs" in done.stderr and "is a file" in done.stderr
 

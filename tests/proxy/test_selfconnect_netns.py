@@ -60,7 +60,7 @@ def test_connections_to_the_sidecars_own_ports_are_blackholed_and_the_pod_keeps_
     config = tmp_path / "proxy.json"
     config.write_text(json.dumps(tcp_config("v1", 7070, 7071)))  # one service, not the app's: passthrough
     proxy, _, proxy_err = nsprocs.start(
-        "proxy", [sys.executable, "-m", "controlplane.meshctl", "proxy", "--id", "pod-1", "--ip", POD_IP,
+        "proxy", [sys.executable, "-m", "meshctl", "proxy", "--id", "pod-1", "--ip", POD_IP,
                   "--mode", "transparent", "--config", str(config), "--workers", "1", "--no-access-log"],
         group=PROXY_GID, extra_groups=[])
     assert wait_for(lambda: "config applied" in proxy_err.read_text() or proxy.poll() is not None, 15)

@@ -20,11 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dataplane.proxy.control import MAX_FRAME, FrameError, FrameReader, frame
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import MESHCTL, free_port, wait_for
 from tests.proxy.backends import Backend, text_server
 from tests.proxy.backends import echo as echo_back
-
-MESHCTL = str(ROOT / ".venv" / "bin" / "meshctl")
 
 
 def test_control_frames_round_trip_and_refuse_garbage() -> None:
@@ -83,7 +81,7 @@ class Proxy:
         self.admin, self.stats = free_port(), free_port()
         self.log = (tmp / "proxy.log").open("wb")
         self.proc = subprocess.Popen(
-            [MESHCTL, "proxy", "--id", "echo-client-1", "--namespace", "default",
+            [*MESHCTL, "proxy", "--id", "echo-client-1", "--namespace", "default",
              "--labels", "app=client,version=v1",
              "--config", str(self.path), "--mode", "explicit", "--workers", str(workers),
              "--admin-port", str(self.admin), "--stats-port", str(self.stats), "--no-access-log", *extra],
@@ -283,12 +281,12 @@ def test_the_proxy_follows_pilot_acks_and_shows_in_proxy_status(tmp_path, keydir
         f"spec:\n  selector: {{app: echo}}\n  ports: [{{name: tcp-echo, port: {free_port()}}}]\n")
     env = {**os.environ, "ZMESH_PORT_BASE": str(base)}
     logs = [(tmp_path / f"{n}.log").open("wb") for n in ("galley", "pilot")]
-    procs = [subprocess.Popen([MESHCTL, "galley", "--keys", str(keydir), "--config-dir", str(config)],
+    procs = [subprocess.Popen([*MESHCTL, "galley", "--keys", str(keydir), "--config-dir", str(config)],
                               env=env, stderr=logs[0]),
-             subprocess.Popen([MESHCTL, "pilot", "--keys", str(keydir)], env=env, stderr=logs[1])]
+             subprocess.Popen([*MESHCTL, "pilot", "--keys", str(keydir)], env=env, stderr=logs[1])]
     admin = free_port()
     proxy = subprocess.Popen(
-        [MESHCTL, "proxy", "--id", "client-1", "--labels", "app=client", "--ip", "10.9.0.1", "--keys",
+        [*MESHCTL, "proxy", "--id", "client-1", "--labels", "app=client", "--ip", "10.9.0.1", "--keys",
          str(keydir), "--name", "proxy-a", "--register", "--mode", "explicit", "--workers", "2",
          "--admin-port", str(admin), "--stats-port", str(free_port()), "--no-access-log"],
         env=env, stderr=(tmp_path / "proxy.log").open("wb"))
@@ -297,7 +295,7 @@ def test_the_proxy_follows_pilot_acks_and_shows_in_proxy_status(tmp_path, keydir
         version = json.loads(http_get(f"http://127.0.0.1:{admin}/config_dump")[1])["version"]
 
         def status() -> dict[str, Any]:
-            cmd = [MESHCTL, "proxy-status", "--keys", str(keydir), "--as", "proxy-b", "-o", "json"]
+            cmd = [*MESHCTL, "proxy-status", "--keys", str(keydir), "--as", "proxy-b", "-o", "json"]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20)
             return {r["proxy"]: r for r in json.loads(out.stdout or "[]")}
         assert wait_for(lambda: status().get("client-1", {}).get("state") == "SYNCED", timeout=20)

@@ -22,6 +22,7 @@ from controlplane.pilot.networking.util import (
     millis,
     pick,
 )
+from meshapi.config import Cluster
 
 POLICY_FIELDS = ("loadBalancer", "connectionPool", "outlierDetection", "tls")
 CLUSTER_TYPES = {"STATIC": "EDS", "DNS": "STRICT_DNS", "DNS_ROUND_ROBIN": "LOGICAL_DNS",
@@ -143,7 +144,7 @@ def service_clusters(push: PushContext, service: Service, rule: Resource | None)
     return out
 
 
-def build_outbound_clusters(push: PushContext, proxy: Proxy, scope: SidecarScope) -> dict[str, Policy]:
+def build_outbound_clusters(push: PushContext, proxy: Proxy, scope: SidecarScope) -> dict[str, Cluster]:
     clusters: dict[str, dict[str, Any]] = {}
     for service in scope.cluster_services:
         rule = push.destination_rule(proxy.namespace, proxy.labels, service)
@@ -158,7 +159,7 @@ def build_outbound_clusters(push: PushContext, proxy: Proxy, scope: SidecarScope
     return clusters
 
 
-def build_inbound_clusters(push: PushContext, instances: list[ServiceInstance]) -> dict[str, dict[str, Any]]:
+def build_inbound_clusters(push: PushContext, instances: list[ServiceInstance]) -> dict[str, Cluster]:
     """One per workload port: the proxy hands accepted traffic to the app on localhost."""
     clusters: dict[str, dict[str, Any]] = {}
     for inst in instances:

@@ -7,11 +7,13 @@ and whose identity it has, which is what the caller's SAN check needs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from controlplane.pilot.model import Service, matches
 from controlplane.pilot.networking.push_context import PushContext
 from controlplane.pilot.networking.util import INBOUND
+from meshapi.config import Cluster, Endpoint
 
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 LOCALHOST = "127.0.0.1"
@@ -40,7 +42,7 @@ def _endpoint(address: str, port: int, tls_mode: str) -> dict[str, Any]:
             "service_account": "", "tls_mode": tls_mode}
 
 
-def build_endpoints(push: PushContext, clusters: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+def build_endpoints(push: PushContext, clusters: Mapping[str, Cluster]) -> dict[str, list[Endpoint]]:
     """Endpoints for every cluster that has its own (all but ORIGINAL_DST ones)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for name, cluster in clusters.items():

@@ -16,6 +16,7 @@ from controlplane.pilot.model import Port, Protocol, Proxy, Service
 from controlplane.pilot.networking.push_context import PushContext, ServiceInstance, SidecarScope
 from controlplane.pilot.networking.routes import applies, is_http_port, weighted_clusters
 from controlplane.pilot.networking.util import INBOUND, OUTBOUND, cluster_name
+from meshapi.config import InboundListener, OutboundListener
 
 TLS_PROTOCOLS = (Protocol.HTTPS, Protocol.TLS)
 
@@ -57,7 +58,7 @@ def tcp_routes(push: PushContext, proxy: Proxy, scope: SidecarScope, service: Se
     return out
 
 
-def build_outbound_listeners(push: PushContext, proxy: Proxy, scope: SidecarScope) -> list[dict[str, Any]]:
+def build_outbound_listeners(push: PushContext, proxy: Proxy, scope: SidecarScope) -> list[OutboundListener]:
     listeners = []
     for service, ports in scope.services:
         for port in ports:
@@ -74,7 +75,7 @@ def build_outbound_listeners(push: PushContext, proxy: Proxy, scope: SidecarScop
 
 
 def build_inbound_listeners(instances: list[ServiceInstance], mtls_mode: str,
-                            port_modes: dict[int, str]) -> list[dict[str, Any]]:
+                            port_modes: dict[int, str]) -> list[InboundListener]:
     """One per workload port; services sharing a port share the listener (first protocol wins)."""
     by_port: dict[int, list[ServiceInstance]] = defaultdict(list)
     for inst in instances:

@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from controlplane.config.analyze import host_matches
 from controlplane.config.model import Resource
-from controlplane.pilot.model import Endpoint, Port, Proxy, Service, fqdn, matches
+from controlplane.pilot.model import Endpoint, Port, Proxy, Service, matches
 from controlplane.pilot.networking.util import exported_to, millis
+from meshapi.hosts import fqdn, host_matches
+from meshapi.identity import SCHEME, spiffe_id
 
 ROOT_NAMESPACE = "istio-system"
 MESH_GATEWAY = "mesh"
@@ -302,9 +303,9 @@ class PushContext:
         return self.cached(("sans", service.hostname), build)
 
     def spiffe_id(self, service_account: str, namespace: str) -> str:
-        if service_account.startswith("spiffe://"):
+        if service_account.startswith(SCHEME):
             return service_account
-        return f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
+        return spiffe_id(self.trust_domain, namespace, service_account)
 
 
 def destination_hosts(vs: Resource) -> list[str]:

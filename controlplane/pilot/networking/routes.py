@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 from controlplane.config.model import Resource
-from controlplane.pilot.model import DEFAULT_DOMAIN, Protocol, Proxy, Service, fqdn, matches
+from controlplane.pilot.model import Protocol, Proxy, Service, matches
 from controlplane.pilot.networking.push_context import MESH_GATEWAY, REGISTRY_ONLY, PushContext, SidecarScope
 from controlplane.pilot.networking.util import (
     OUTBOUND,
@@ -23,6 +23,8 @@ from controlplane.pilot.networking.util import (
     percent,
     pick,
 )
+from meshapi.config import RouteConfig
+from meshapi.hosts import DEFAULT_DOMAIN, fqdn
 
 # Istio's default retry policy for routes whose VirtualService says nothing about retries.
 DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes")
@@ -235,7 +237,7 @@ def is_http_port(protocol: Protocol) -> bool:
     return protocol.is_http or protocol == Protocol.UNKNOWN
 
 
-def build_routes(push: PushContext, proxy: Proxy, scope: SidecarScope) -> dict[str, dict[str, Any]]:
+def build_routes(push: PushContext, proxy: Proxy, scope: SidecarScope) -> dict[str, RouteConfig]:
     """Route configs named by port ("9080"), virtual hosts in hostname order, then the fallback."""
     by_port: dict[int, list[Service]] = defaultdict(list)
     for service, ports in scope.services:

@@ -13,6 +13,7 @@ from typing import Any
 from controlplane.config.model import Resource
 from controlplane.pilot.model import Proxy, matches
 from controlplane.pilot.networking.push_context import PushContext
+from meshapi.config import Security
 
 PERMISSIVE = "PERMISSIVE"
 STRICT = "STRICT"
@@ -77,7 +78,7 @@ def authorization_policies(push: PushContext, proxy: Proxy) -> list[Resource]:
     return sorted(found, key=lambda p: (rank[p.spec.get("action", "ALLOW")], p.namespace, p.name))
 
 
-def build_security(push: PushContext, proxy: Proxy) -> dict[str, Any]:
+def build_security(push: PushContext, proxy: Proxy) -> Security:
     mode, ports = peer_authentication(push, proxy)
     policies = []
     for p in authorization_policies(push, proxy):

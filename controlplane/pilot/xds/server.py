@@ -6,9 +6,9 @@
   A registration is filed under the caller's CURVE identity; only its owners (that identity,
   and the node agent a self-registering proxy names) may replace, renew or remove it: anyone
   else gets the error `not_owner` (counted in zmesh_bus_rpc_refused_total, logged).
-- A Publisher carries the config as parts (networking/parts.py): each shared (outbound)
+- A Publisher carries the config as parts (meshapi/parts.py): each shared (outbound)
   set once under `cfg/o/<scope>/`, each config group's own parts and manifest under
-  `cfg/g/<group>/` (see groups.py).
+  `cfg/g/<group>/` (see meshapi/groups.py).
 
 Every change goes through the Debouncer; a push translates each group once and publishes
 only the parts whose content changed, then the manifests that make them a version.
@@ -29,12 +29,12 @@ from controlplane.config.model import Resource
 from controlplane.debounce import DebouncedCall, Debouncer
 from controlplane.pilot.model import Proxy
 from controlplane.pilot.networking import ProxyParts, build_proxy_parts
-from controlplane.pilot.networking.parts import MANIFEST, SHARED_PREFIX, PartSet, pack
 from controlplane.pilot.networking.push_context import PushContext
-from controlplane.pilot.serviceregistry import REGISTRY_KINDS, ServiceRegistry
-from controlplane.pilot.xds import groups
+from controlplane.pilot.serviceregistry.aggregate import REGISTRY_KINDS, ServiceRegistry
 from controlplane.pilot.xds.metrics import GROUP_PUBLISHES, PARTS_PUBLISHED, PROXIES, PUSH_SECONDS, PUSHES
 from controlplane.pilot.xds.status import StatusTracker
+from meshapi import groups
+from meshapi.parts import MANIFEST, SHARED_PREFIX, PartSet, pack
 
 # Kinds that only shape what a proxy sends (its outbound side): an edit of these alone leaves
 # every group's own parts (inbound listeners, security) as they were.
@@ -134,7 +134,7 @@ class Pilot:
             self.status.ack(workload["id"], str(body["version"]), now)
         self._changed()
         proxy = self.registry.registrations.proxy(workload["id"])
-        group = groups.group_of(proxy) if proxy else ""
+        group = proxy.group if proxy else ""
         return {"group": group, "topic": groups.topic(group), "lease": self.lease,
                 "version": self.group_versions.get(group, "")}
 
@@ -246,7 +246,7 @@ class Pilot:
         started = time.perf_counter()
         members: dict[str, list[Proxy]] = {}
         for proxy in proxies:
-            members.setdefault(groups.group_of(proxy), []).append(proxy)
+            members.setdefault(proxy.group, []).append(proxy)
         built: dict[str, ProxyParts] = {}
         entries: list[Entry] = []
         try:

@@ -17,7 +17,7 @@ A request carrying `x-fail-once: <token>` is answered 500 the first time that to
 (then normally): a backend that fails once, for retry demos (500, not 503, which Istio's
 default retry policy already retries).
 
-    python -m controlplane.localmesh.bookinfo <service> <version> --port 9080
+    python -m meshctl.localmesh.bookinfo <service> <version> --port 9080
 """
 
 from __future__ import annotations

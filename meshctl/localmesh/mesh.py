@@ -32,10 +32,11 @@ from typing import Any
 import yaml
 
 from bus import endpoints, keys
-from controlplane.localmesh import netns
+from meshapi import ports
+from meshapi.identity import PROXY_UID, cert_dir
+from meshctl.localmesh import netns
 
 BOOKINFO = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "istio" / "bookinfo"
-PROXY_UID = 1337
 APP_PORT = 9080
 EXTERNAL_IP, EXTERNAL_PORT = "203.0.113.10", 80
 CONFIG_FILES = ("bookinfo.yaml", "destination-rule-all.yaml")
@@ -234,7 +235,7 @@ class Mesh:
                                   [lay.pod_cidr, "203.0.113.0/24"])
 
     def _meshctl(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "controlplane.meshctl", *args]
+        return [sys.executable, "-m", "meshctl", *args]
 
     def _control_plane(self) -> None:
         for name in CONFIG_FILES:
@@ -251,7 +252,7 @@ class Mesh:
         self.topo.start("citadel", self.cp_ns, self._meshctl("citadel", "--keys", k, "--host", ip, "--ca-dir",
                                                              str(self.run_dir / "ca"), "--pilot", pilot_rpc),
                         self.logs)
-        self.topo.start("external", self.net_ns, [sys.executable, "-m", "controlplane.localmesh.bookinfo",
+        self.topo.start("external", self.net_ns, [sys.executable, "-m", "meshctl.localmesh.bookinfo",
                                                   "external", "v1", "--port", str(EXTERNAL_PORT)], self.logs)
 
     def _write_workloads(self) -> None:
@@ -275,11 +276,11 @@ class Mesh:
             self.say(f"  uid {PROXY_UID} cannot run {sys.executable}: "
                      f"the sidecars run as gid {PROXY_UID} only")
         for pod in self.layout.pods:
-            init = self._meshctl("iptables", "-p", "15001", "-z", "15006", "-u", str(PROXY_UID), "-m",
-                                 "REDIRECT", "-i", "*", "-b", "*", "--no-ipv6")
+            init = self._meshctl("iptables", "-p", str(ports.OUTBOUND), "-z", str(ports.INBOUND),
+                                 "-u", str(PROXY_UID), "-m", "REDIRECT", "-i", "*", "-b", "*", "--no-ipv6")
             netns.run("ip", "netns", "exec", pod.ns, *init)
             if pod.serves:
-                app = [sys.executable, "-m", "controlplane.localmesh.bookinfo", pod.app, pod.version,
+                app = [sys.executable, "-m", "meshctl.localmesh.bookinfo", pod.app, pod.version,
                        "--port", str(APP_PORT)]
                 self.topo.start(f"{pod.name}.app", pod.ns, app, self.logs)
             proxy = ["--id", pod.name, "--namespace", "default", "--labels",
@@ -287,7 +288,7 @@ class Mesh:
                      "--service-account", pod.service_account, "--ip", pod.ip, "--keys", str(self.key_dir),
                      "--name", PROXY_KEY, "--relay", f"ipc://{self.node_dir}/cfg", "--pilot-host",
                      self.layout.cp_ip, "--workers", str(self.workers)]
-            certs = ["--certs", str(self.node_dir / "certs" / pod.name)] if self.certs else []
+            certs = ["--certs", str(cert_dir(self.node_dir, pod.name))] if self.certs else []
             self.topo.start(f"{pod.name}.sidecar", pod.ns, self._meshctl(
                 "agent", *self.identity, *certs, "--termination-drain-duration", "0.5", "--", *proxy),
                 self.logs)
@@ -316,7 +317,7 @@ class Mesh:
 
     def _ready(self, pod: Pod) -> bool:
         """The pod's agent says ready (15021 in the pod's namespace); OSError while it cannot answer."""
-        return self.http(pod, "127.0.0.1", 15021, "/healthz/ready", timeout=1.0)[0] == 200
+        return self.http(pod, "127.0.0.1", ports.HEALTH, "/healthz/ready", timeout=1.0)[0] == 200
 
     def _check_alive(self) -> None:
         dead = [p.name for p in self.state.procs if not netns.alive(p.pid)]
@@ -368,9 +369,9 @@ class Mesh:
                 for name in ("galley", "pilot", "citadel")}
         urls[NODE] = f"http://{lay.bridge_ip}:{endpoints.port('nodeagent', 'metrics')}/metrics"
         for pod in lay.pods:
-            urls[f"{pod.name}.sidecar"] = f"http://{pod.ip}:{endpoints.SIDECAR_PORTS['agent-metrics']}" \
+            urls[f"{pod.name}.sidecar"] = f"http://{pod.ip}:{ports.AGENT_METRICS}" \
                                           "/stats/prometheus"
-            urls[f"{pod.name}.proxy"] = f"http://{pod.ip}:{endpoints.SIDECAR_PORTS['proxy-metrics']}" \
+            urls[f"{pod.name}.proxy"] = f"http://{pod.ip}:{ports.PROXY_METRICS}" \
                                         "/stats/prometheus"
         return urls
 

@@ -31,8 +31,9 @@ from typing import Any
 
 from bus import endpoints, keys
 from bus.logs import Log
-from controlplane.localmesh import netns
-from controlplane.localmesh.mesh import (
+from meshapi.identity import cert_dir
+from meshctl.localmesh import netns
+from meshctl.localmesh.mesh import (
     APP_PORT,
     BOOKINFO,
     CONFIG_FILES,
@@ -237,7 +238,7 @@ class LoopbackMesh(Mesh):
         self._start("external", self._app_command("external", "v1", ext_host, ext_port))
 
     def _app_command(self, app: str, version: str, host: str, port: int, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "controlplane.localmesh.bookinfo", app,
+        return [sys.executable, "-m", "meshctl.localmesh.bookinfo", app,
                 version, "--host", host, "--port", str(port), *extra]
 
     def _node_agent(self) -> None:
@@ -268,7 +269,7 @@ class LoopbackMesh(Mesh):
                      "--handover-admin-port", str(ports.handover_admin),
                      "--handover-stats-port", str(ports.handover_stats),
                      "--decider-metrics-port", str(ports.decider_metrics),
-                     "--certs", str(self.node_dir / "certs" / pod.name),
+                     "--certs", str(cert_dir(self.node_dir, pod.name)),
                      "--termination-drain-duration", "0.5"]
             self._start(f"{pod.name}.sidecar", self._meshctl("agent", *agent, "--", *proxy))
 

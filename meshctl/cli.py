@@ -19,7 +19,7 @@ COMMANDS = {
     "ca": "controlplane.citadel.cli:ca_group",
     "citadel": "controlplane.citadel.cli:citadel_command",
     "decider": "dataplane.init.cli:decider_command",
-    "down": "controlplane.localmesh.cli:down_command",
+    "down": "meshctl.localmesh.cli:down_command",
     "galley": "controlplane.galley.cli:galley_command",
     "get": "controlplane.galley.cli:get_command",
     "iptables": "dataplane.init.cli:iptables_command",
@@ -28,7 +28,7 @@ COMMANDS = {
     "proxy": "dataplane.proxy.cli:proxy_command",
     "proxy-config": "controlplane.pilot.cli:proxy_config_command",
     "proxy-status": "controlplane.pilot.cli:proxy_status_command",
-    "up": "controlplane.localmesh.cli:up_command",
+    "up": "meshctl.localmesh.cli:up_command",
     "wait": "dataplane.agent.cli:wait_command",
 }
 
@@ -53,7 +53,3 @@ def cli() -> None:
 
 def main() -> None:
     cli()
-
-
-if __name__ == "__main__":
-    main()

@@ -30,7 +30,7 @@ RUN_DIR_DEFAULT = f"{ROOT_RUN_DIR} as root, else $XDG_RUNTIME_DIR/zmesh-up or ~/
 
 
 def _next_steps(mesh: object) -> str:
-    from controlplane.localmesh.mesh import EXTERNAL_IP, EXTERNAL_PORT, Mesh
+    from meshctl.localmesh.mesh import EXTERNAL_IP, EXTERNAL_PORT, Mesh
 
     assert isinstance(mesh, Mesh)
     page = mesh.pod("productpage")
@@ -58,8 +58,8 @@ def _next_steps(mesh: object) -> str:
 
 
 def _loopback_steps(mesh: object) -> str:
-    from controlplane.localmesh.loopback import LoopbackMesh
-    from controlplane.localmesh.mesh import BOOKINFO
+    from meshctl.localmesh.loopback import LoopbackMesh
+    from meshctl.localmesh.mesh import BOOKINFO
 
     assert isinstance(mesh, LoopbackMesh)
     page = mesh.pod("productpage")
@@ -105,9 +105,9 @@ def up_command(run_dir: str, timeout: float, workers: int, explicit: bool) -> No
     """Run galley, pilot, citadel, a node agent and bookinfo with sidecars, each pod in its own
     network namespace (as root) or on loopback addresses in explicit mode, until Ctrl-C (or
     `meshctl down`)."""
-    from controlplane.localmesh import netns
-    from controlplane.localmesh.loopback import LoopbackMesh
-    from controlplane.localmesh.mesh import Mesh, MeshError
+    from meshctl.localmesh import netns
+    from meshctl.localmesh.loopback import LoopbackMesh
+    from meshctl.localmesh.mesh import Mesh, MeshError
 
     if not explicit and os.geteuid() != 0:
         click.echo("not root: no network namespaces or iptables, so explicit mode on loopback instead "
@@ -150,7 +150,7 @@ def up_command(run_dir: str, timeout: float, workers: int, explicit: bool) -> No
               type=click.Path(file_okay=False))
 def down_command(run_dir: str) -> None:
     """Stop what `meshctl up` started and remove its namespaces (and what a crashed run left)."""
-    from controlplane.localmesh import loopback, netns
+    from meshctl.localmesh import loopback, netns
 
     root = os.geteuid() == 0
     state_file = Path(run_dir) / "state.json"
