@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bus.logs import Log
-from dataplane.proxy import accesslog, sockets
+from dataplane.proxy import accesslog, memory, sockets
 from dataplane.proxy.control import FrameError, FrameReader, frame
 from dataplane.proxy.listeners import INBOUND_PORT, OUTBOUND_PORT, SidecarListener
 from dataplane.proxy.reactor import EPOLLIN, Reactor
@@ -173,6 +173,8 @@ class Worker:
         if op == "clusters":
             return {"op": "clusters", "clusters": {name: c.state() for name, c in
                                                    self.runtime.snapshot.clusters.items()}}
+        if op == "memory":
+            return {"op": "memory", "usage": {**memory.usage(), "worker": self.index}}
         if op == "drain":
             self.runtime.draining = True
             for listener in self.listeners.values():
