@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+TRIM_ABOVE = 2 << 20  # free bytes malloc may keep before `release` hands them back
 
 
 class _MallInfo2(ctypes.Structure):
@@ -23,19 +24,20 @@ class _MallInfo2(ctypes.Structure):
                  "fordblks", "keepcost")]
 
 
-def _mallinfo2() -> Any:
-    """glibc's mallinfo2 (2.33+), or None where this libc has none."""
+def _libc() -> tuple[Any, Any]:
+    """glibc's mallinfo2 (2.33+) and malloc_trim, or (None, None) where this libc has them not."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2
+        info, trim = libc.mallinfo2, libc.malloc_trim
     except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-    fn.argtypes = []
-    return fn
+        return None, None
+    info.restype, info.argtypes = _MallInfo2, []
+    trim.restype, trim.argtypes = ctypes.c_int, [ctypes.c_size_t]
+    return info, trim
 
 
-_MALLINFO2 = _mallinfo2()
+_MALLINFO2, _MALLOC_TRIM = _libc()
+_free_after_trim = 0  # malloc's free bytes after the last trim (release)
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -55,6 +57,25 @@ def usage() -> dict[str, Any]:
     out.update(allocated=info.uordblks + info.hblkhd, heap_size=info.arena + info.hblkhd,
                pageheap_free=info.fordblks)
     return out
+
+
+def release(above: int = TRIM_ABOVE) -> bool:
+    """Give malloc's free pages back to the system once `above` more bytes lie free than after the
+    last time. glibc returns only the top of its heap on its own; a worker's heap, where each
+    connection's and TLS handshake's buffers come and go between long-lived objects, keeps free
+    holes in the middle that the resident set would carry for good (tcmalloc, Envoy's, releases
+    free pages in the background). Free bytes stay free bytes to mallinfo after a trim, hence
+    the growth since the last one. True when it trimmed."""
+    global _free_after_trim
+    if _MALLINFO2 is None:
+        return False
+    free = _MALLINFO2().fordblks
+    if free - _free_after_trim <= above:
+        _free_after_trim = min(_free_after_trim, free)
+        return False
+    _MALLOC_TRIM(0)
+    _free_after_trim = _MALLINFO2().fordblks
+    return True
 
 
 def merge(processes: list[dict[str, Any]]) -> dict[str, Any]:

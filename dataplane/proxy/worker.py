@@ -124,6 +124,7 @@ class Worker:
         for cluster in self.runtime.snapshot.clusters.values():
             cluster.tick(now_ms)
         self.runtime.access_log.tick(self.reactor.now)
+        memory.release()
         certs = self.certs
         if certs is not None and certs.maybe_reload():
             stats = self.runtime.stats

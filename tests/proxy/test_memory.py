@@ -103,6 +103,18 @@ def test_usage_counts_what_malloc_hands_out() -> None:
     assert during["total_physical_bytes"] > 0
 
 
+def test_release_hands_free_heap_holes_back_once() -> None:
+    memory.release()  # from a trimmed heap
+    big = [bytearray(100_000) for _ in range(300)]  # 30 MB of heap blocks (below the mmap threshold)
+    pins = [bytearray(50_000) for _ in range(300)]  # above them: freeing `big` leaves holes, not a top
+    del big
+    rss = memory.rss_bytes()
+    assert memory.release()
+    assert memory.rss_bytes() < rss - (20 << 20)
+    assert not memory.release()  # nothing freed since: no second trim
+    assert len(pins) == 300
+
+
 def test_merge_sums_each_field_as_envoy_strings() -> None:
     merged = memory.merge([{"worker": 0, "allocated": 5, "heap_size": 8, "pageheap_free": 1,
                             "total_physical_bytes": 20},
