@@ -5,6 +5,7 @@
     GET  /clusters           endpoints per cluster per worker: health, ejection, counters
     GET  /stats              proxy stats, Envoy's `name: value` text (all workers summed)
     GET  /stats/prometheus   Istio's metrics (also /metrics, and the whole of port 15090)
+    GET  /memory             bytes in use (malloc's and resident), summed and per process (memory.py)
     GET  /ready              200 once a config is applied, every worker holds the workload
                              certificates (with --certs) and the proxy is not draining
     POST /drain              stop accepting; keep-alive connections are closed as they idle
@@ -24,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from dataplane.proxy import memory
 from dataplane.proxy.stats import merge, merge_admin
 
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -98,6 +100,9 @@ def _handler(state: AdminState, admin: bool) -> type[BaseHTTPRequestHandler]:
                     self._json([r["clusters"] for r in state.ask_workers({"op": "clusters"})])
                 elif url.path == "/stats":
                     self._send(200, merge_admin(r["snapshot"] for r in state.ask_workers({"op": "stats"})))
+                elif url.path == "/memory":
+                    workers = [r["usage"] for r in state.ask_workers({"op": "memory"})]
+                    self._json(memory.merge([{**memory.usage(), "worker": "supervisor"}, *workers]))
                 elif url.path == "/ready":
                     reason = state.not_ready()
                     self._send(503 if reason else 200, f"{reason or 'LIVE'}\n")

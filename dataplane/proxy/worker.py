@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bus.logs import Log
-from dataplane.proxy import accesslog, sockets
+from dataplane.proxy import accesslog, memory, sockets
 from dataplane.proxy.connlimit import ConnectionLimit, default_limit
 from dataplane.proxy.control import FrameError, FrameReader, frame
 from dataplane.proxy.listeners import SidecarListener
@@ -143,6 +143,7 @@ class Worker:
         for cluster in self.runtime.snapshot.clusters.values():
             cluster.tick(now_ms)
         self.runtime.access_log.tick(self.reactor.now)
+        memory.release()
         self._load_certs()
         self.reactor.call_later(TICK, self._tick)
 
@@ -202,6 +203,8 @@ class Worker:
         if op == "clusters":
             return {"op": "clusters", "clusters": {name: c.state() for name, c in
                                                    self.runtime.snapshot.clusters.items()}}
+        if op == "memory":
+            return {"op": "memory", "usage": {**memory.usage(), "worker": self.index}}
         if op == "drain":
             self.runtime.draining = True
             for key in list(self.listeners):
