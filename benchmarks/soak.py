@@ -14,7 +14,7 @@ HAProxy) is read after a warm-up of the same traffic and at the end. A request i
 productpage answers 200 with details and reviews in it (no `error` anywhere).
 
 As root every pod is a network namespace (mesh.py); otherwise, or with `--explicit`, the loopback
-mesh (loopback.py). Needs haproxy (installed with apt-get when missing). Progress goes to stderr;
+mesh (loopback.py). Needs haproxy (`make deps` installs it; run through ensure_tools when missing). Progress goes to stderr;
 stdout gets the table and, as its last line, one JSON object. `--quick` drives traffic for half a minute
 (its growth figures are a smoke test, not a verdict: a leak needs minutes to stand out).
 """
@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from controlplane.localmesh import netns  # noqa: E402
-from controlplane.localmesh.loopback import LoopbackMesh  # noqa: E402
-from controlplane.localmesh.mesh import APP_PORT, Mesh  # noqa: E402
+from meshctl.localmesh import netns  # noqa: E402
+from meshctl.localmesh.loopback import LoopbackMesh  # noqa: E402
+from meshctl.localmesh.mesh import APP_PORT, Mesh  # noqa: E402
 
 from benchmarks.proxy_l4 import TOOLS, Procs, ensure_tools, fmt, free_port, wait_listening  # noqa: E402
 
