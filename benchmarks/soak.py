@@ -43,11 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.proxy_l4 import TOOLS, Procs, ensure_tools, fmt, free_port, wait_listening  # noqa: E402
 from meshctl.localmesh import netns  # noqa: E402
 from meshctl.localmesh.loopback import LoopbackMesh  # noqa: E402
 from meshctl.localmesh.mesh import APP_PORT, Mesh  # noqa: E402
-
-from benchmarks.proxy_l4 import TOOLS, Procs, ensure_tools, fmt, free_port, wait_listening  # noqa: E402
 
 FLAT = 10.0  # % growth allowed, start to end
 THREADS = 8  # per stream: requests in flight when the mesh answers slower than the pacing
