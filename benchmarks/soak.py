@@ -14,7 +14,7 @@ HAProxy) is read after a warm-up of the same traffic and at the end. A request i
 productpage answers 200 with details and reviews in it (no `error` anywhere).
 
 As root every pod is a network namespace (mesh.py); otherwise, or with `--explicit`, the loopback
-mesh (loopback.py). Needs haproxy (`make deps` installs it; run through ensure_tools when missing). Progress goes to stderr;
+mesh (loopback.py). Needs haproxy (`make deps` installs it). Progress goes to stderr;
 stdout gets the table and, as its last line, one JSON object. `--quick` drives traffic for half a minute
 (its growth figures are a smoke test, not a verdict: a leak needs minutes to stand out).
 """
