@@ -127,6 +127,9 @@ def stop_agent(agent: subprocess.Popen) -> int | None:
     return agent.returncode
 
 
+PROXY = "-m dataplane.proxy "  # how the agent starts the proxy (agent.py)
+
+
 def child_pids(agent: subprocess.Popen, word: str) -> list[int]:
     return [p.pid for p in psutil.Process(agent.pid).children() if word in " ".join(p.cmdline())]
 
@@ -165,12 +168,12 @@ def test_the_agent_runs_the_decider_on_the_proxys_config(servers: Topology, clea
 
         # a new service in the mesh: the proxy applies it (SIGHUP re-reads its file), the agent sees
         # the new version in /config_dump and hands it to the decider; nothing restarts
-        pids = child_pids(agent, "decider") + child_pids(agent, " proxy ")
+        pids = child_pids(agent, "decider") + child_pids(agent, PROXY)
         write(config, mesh_config("v2", ("mesh", REMOTE_IP), ("other", OTHER_IP)))
-        os.kill(child_pids(agent, " proxy ")[0], signal.SIGHUP)
+        os.kill(child_pids(agent, PROXY)[0], signal.SIGHUP)
         assert wait_for(lambda: "version=v2" in log.read_text(), 10), log.read_text()
         assert wait_for(lambda: route(topo, OTHER_IP) == "proxy", 5)
-        assert child_pids(agent, "decider") + child_pids(agent, " proxy ") == pids
+        assert child_pids(agent, "decider") + child_pids(agent, PROXY) == pids
 
         # one scrape target: the decider's verdicts beside the agent's and the proxy's series
         text = get(topo, "http://127.0.0.1:15020/stats/prometheus")[1]
@@ -203,7 +206,7 @@ def test_sighup_hands_the_proxy_over_without_losing_a_connection(servers: Topolo
     try:
         assert wait_for(lambda: get(topo, "http://127.0.0.1:15021/healthz/ready")[0] == 200, 20), \
             log.read_text()
-        old = child_pids(agent, " proxy ")
+        old = child_pids(agent, PROXY)
         client, _ = topo.start("stream", [sys.executable, "-m", "tests.init.nsapp", "stream", REMOTE_IP,
                                           str(RP), "4", str(stopfile)], "streaming")
         for handovers in (1, 2):  # over to the hand-over ports, and back
@@ -216,7 +219,7 @@ def test_sighup_hands_the_proxy_over_without_losing_a_connection(servers: Topolo
         counts = json.loads((topo.tmp / "stream.out").read_text().splitlines()[-1])
         assert counts["failed"] == 0 and counts["ok"] > 50, counts
         assert counts["direct"] == 0, counts  # every one went through a proxy
-        new = child_pids(agent, " proxy ")
+        new = child_pids(agent, PROXY)
         assert len(new) == 1 and new != old
         assert get(topo, "http://127.0.0.1:15000/ready")[0] == 200  # back on the first pair of ports
         assert get(topo, "http://127.0.0.1:15002/ready")[0] == 0  # the other pair is free again
