@@ -25,23 +25,19 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import pytest
 
 from meshctl.localmesh import netns
 from meshctl.localmesh.mesh import Mesh, MeshError
-from tests.conftest import unavailable
-from tests.e2e.conftest import metric, scrape, tail_logs
+from tests.e2e.conftest import metric, running_mesh, scrape
 
 THREADS = 3
 REQUEST_TIMEOUT = 5.0
@@ -145,22 +141,8 @@ class Load:
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
     """This module's own mesh (overrides conftest's, so test_bookinfo's mesh is never disturbed)."""
-    if reason := netns.missing_tools():
-        unavailable(reason)
-    run_dir = Path(tempfile.mkdtemp(prefix="zmesh-chaos-"))
-    run_dir.chmod(0o755)
-    m = Mesh(run_dir / "run", say=lambda _msg: None)
-    try:
-        try:
-            m.up(timeout=90)
-        except MeshError as exc:
-            pytest.fail(f"the mesh did not come up: {exc}\n{tail_logs(m)}")
+    with running_mesh("zmesh-chaos-") as m:
         yield m
-    finally:
-        m.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
-    left = [ns for ns in os.listdir(netns.NETNS_DIR) if ns.startswith(f"{m.run_id}-")]
-    assert not left, f"teardown left namespaces behind: {left}"
 
 
 def route_reviews_to(subset: str) -> str:
