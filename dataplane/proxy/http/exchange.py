@@ -86,11 +86,6 @@ def framing(req: Request, resp: Response, keep: bool) -> tuple[int, bool, tuple[
     return FRAME_RAW, False, ()  # an HTTP/1.0 client: the end of the body is our close
 
 
-def unrequested_switch(req: Request, resp: Response) -> bool:
-    """A 101 nobody asked for: a protocol error (upgrades.py)."""
-    return resp.status == 101 and not asks_switch(req)
-
-
 def local_reply(status: int, body: bytes, fields: tuple[bytes, ...] | list[bytes], keep: bool,
                 version: bytes) -> bytes:
     """A whole response made by the proxy (Envoy's local reply): Content-Length framed, text/plain."""

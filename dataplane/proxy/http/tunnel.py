@@ -104,7 +104,6 @@ class Tunnel:
             return
         owner.req_bytes += self.down.moved
         owner.resp_bytes += self.up.moved
-        owner.resp_done = True
         owner._account()
         owner.close()  # closes self.conn too
 
