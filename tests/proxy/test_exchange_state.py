@@ -7,7 +7,7 @@ import pytest
 
 from dataplane.proxy.http import exchange_state as xs
 from dataplane.proxy.http.codec import EndOfMessage, Request, RequestParser
-from dataplane.proxy.http.exchange import FRAME_TUNNEL, framing, keep_alive
+from dataplane.proxy.http.exchange import FRAME_TUNNEL, framing, keep_alive, skip_body
 from dataplane.proxy.http.exchange_state import (
     CLIENT_CLOSED,
     CLIENT_ERROR,
@@ -222,10 +222,10 @@ GET10_KEEP = b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
 def test_keep_alive_or_close(raw_req: bytes, raw_resp: bytes, keep: bool) -> None:
     x = Exchange()
     assert exchange(x, raw_req, raw_resp) is keep
-    assert x.can_reuse() is keep
     assert x.must_close() is not keep
+    assert x.next_cycle() is keep
     if keep:
-        assert drive(x, NEXT_CYCLE) == (IDLE, IDLE)
+        assert states(x) == (IDLE, IDLE)
     else:
         assert states(x) == (MUST_CLOSE, MUST_CLOSE)
         with pytest.raises(LocalProtocolError):
@@ -244,7 +244,7 @@ def test_100_continue() -> None:
     assert drive(x, REQUEST, INFORMATIONAL) == (SEND_BODY, SEND_RESPONSE)
     assert not x.request_complete()
     assert drive(x, REQUEST_END, RESPONSE, RESPONSE_END) == (DONE, DONE)
-    assert x.can_reuse()
+    assert x.next_cycle()
 
 
 def test_upgrade_accepted() -> None:
@@ -252,7 +252,7 @@ def test_upgrade_accepted() -> None:
     keep = exchange(x, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
                     b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
     assert keep and states(x) == (SWITCHED, SWITCHED)
-    assert not x.can_reuse() and not x.must_close()
+    assert not x.must_close() and not x.next_cycle()
     for ev in (REQUEST, RESPONSE_END, NEXT_CYCLE):
         with pytest.raises(LocalProtocolError):
             x.event(ev)
@@ -288,7 +288,7 @@ def test_a_client_error_mid_body_is_answered_then_closed() -> None:
     drive(x, REQUEST, CLIENT_ERROR)
     assert states(x) == (ERROR, SEND_RESPONSE) and not x.request_complete()
     assert drive(x, RESPONSE_CLOSE, RESPONSE_END) == (ERROR, MUST_CLOSE)
-    assert x.must_close() and not x.can_reuse()
+    assert x.must_close() and not x.next_cycle()
 
 
 def test_an_upstream_error_mid_response_closes() -> None:
@@ -326,7 +326,24 @@ def test_pipelined_requests_one_exchange_at_a_time() -> None:
         x.event(REQUEST_END)
         keep = keep_alive(req, x.request_complete(), False)
         drive(x, RESPONSE if keep else RESPONSE_CLOSE, RESPONSE_END)
-        if x.can_reuse():
-            x.event(NEXT_CYCLE)
+        x.next_cycle()
     assert targets == [b"/1", b"/2", b"/3"]
     assert x.must_close()  # the third asked to close
+
+
+def test_a_local_reply_skips_the_body_already_here() -> None:
+    """A request answered locally: the body bytes already read are dropped (counted), and only a
+    body that ended lets the connection go on to the next request."""
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
+    req = parser.next_event()
+    x = Exchange()
+    x.event(REQUEST)
+    assert skip_body(parser) == (5, False)
+    assert not keep_alive(req, x.request_complete(), False)  # the rest would be taken for a request
+    parser.feed(b"67890GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert skip_body(parser) == (5, True)
+    x.event(REQUEST_END)
+    assert keep_alive(req, x.request_complete(), False)
+    drive(x, RESPONSE, RESPONSE_END)
+    assert x.next_cycle() and isinstance(parser.next_event(), Request)  # the pipelined one is intact

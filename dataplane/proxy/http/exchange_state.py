@@ -187,9 +187,21 @@ class Exchange:
         return LocalProtocolError(status, f"{EVENT_NAMES[ev]} not allowed with client "
                                           f"{STATE_NAMES[self.client]}, server {STATE_NAMES[self.server]}")
 
-    def can_reuse(self) -> bool:
-        """Both sides are done and the connection stays open: the next request may start."""
-        return self.client == DONE and self.server == DONE
+    def next_cycle(self) -> bool:
+        """Start the next exchange if both sides are done and the connection stays open (the next
+        request, pipelined or not, may start); False when the connection must close instead."""
+        nxt = self._row.get(NEXT_CYCLE)
+        if nxt is None:
+            return False
+        self.client, self.server, self.flags, self._row = nxt
+        return True
+
+    def refuse_head(self) -> None:
+        """A head that never made a request (malformed, or stalled) is answered, and the connection
+        closes after the answer."""
+        self.event(CLIENT_ERROR)
+        self.event(RESPONSE_CLOSE)
+        self.event(RESPONSE_END)
 
     def must_close(self) -> bool:
         """The connection closes once what is queued for the client is written."""

@@ -390,7 +390,7 @@ class Forwarding:
                 self.try_timer = None
             if x.server == xs.SWITCHED:  # the machine only allows a switch the request proposed
                 self._report(status=self.code)
-                self.tunnel = Tunnel(self, conn, READ_SIZE)
+                Tunnel(self, conn, READ_SIZE)  # owns the connection from here (self.tunnel)
                 return
         self._report(self.code)
         reuse = self.resp.keep_alive and x.request_complete() and not self.up_pending

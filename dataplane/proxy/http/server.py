@@ -2,9 +2,8 @@
 `HttpConnection` per accepted downstream socket. This module is the I/O shell of the client side;
 the rules live in sans-IO modules, one job each:
 
-* exchange_state.py: the exchange's states (client and server role, h11-style, table-driven): the
-  shell reports each request/response milestone and asks it whether the next request may start,
-  the upstream connection be reused, or the connection must close; a refused event is a 400/502;
+* exchange_state.py: the exchange's states (h11's roles and states, table-driven): the shell reports
+  each milestone and asks whether the next request may start, the upstream be reused, or close;
 * exchange.py: framing, keep-alive, 100-continue, upgrades, the forwarded heads, local replies;
 * filters.py: the per-request stages as an ordered chain (peer metadata, upgrade verdicts,
   authorization, route selection), each returning continue or a `LocalReply`;
@@ -28,12 +27,11 @@ What it needs from the Runtime (dataplane.proxy.runtime): `reactor`, `snapshot` 
 
 Why it is shaped this way (the hot path is the point of this module):
 
-* The exchange's data lives in the connection's slots, reset per request, its states in one
-  `Exchange` (a dict lookup per milestone, no allocation): no per-request objects beyond what the
-  codec returns, and fields only unusual requests touch are cleared only after
-  one (`rare`). Each upstream try is bound by pointing the upstream fd's reactor callback at this
-  connection (`set_callback`, no syscall); sockets are registered edge-triggered once, so steady
-  traffic makes no epoll_ctl calls at all.
+* The exchange's data lives in the connection's slots (its states in `x`), reset per request: no
+  per-request objects beyond what the codec returns, and fields only unusual requests touch are
+  cleared only after one (`rare`). Each upstream try is bound by pointing the upstream fd's
+  reactor callback at this connection (`set_callback`, no syscall); sockets are registered
+  edge-triggered once, so steady traffic makes no epoll_ctl calls at all.
 * What depends only on the route or the cluster (header operations as bytes, the resolved
   cluster and its stats key, whether anything special applies) is computed once per route per
   config (router.Plan), and a connection remembers its last routing decision, so a keep-alive
@@ -100,6 +98,7 @@ from dataplane.proxy.http.exchange import (
     forward_head,
     keep_alive,
     local_reply,
+    skip_body,
     wants_continue,
 )
 from dataplane.proxy.http.forward import MAX_BUFFER, READ_SIZE, Forwarding
@@ -364,7 +363,7 @@ class HttpConnection(Forwarding):
             return
         if self.x.server == xs.SWITCHED:
             self.tunnel.resume_up()
-        elif self.req is None and self.x.server >= xs.MUST_CLOSE:
+        elif self.req is None and self.x.must_close():
             self._linger()
         elif self.conn is not None and self.up_readable:
             self._read_up()
@@ -372,16 +371,9 @@ class HttpConnection(Forwarding):
     def _on_head_timeout(self) -> None:
         self.head_timer = None
         if self.x.client == xs.IDLE and self.x.server == xs.IDLE and not self.closed:
-            self._refuse_head(408, "request header timeout")
-
-    def _refuse_head(self, status: int, reason: str) -> None:
-        """A head that never made a request (malformed, or stalled): the error, then close."""
-        x = self.x
-        x.event(xs.CLIENT_ERROR)
-        x.event(xs.RESPONSE_CLOSE)
-        x.event(xs.RESPONSE_END)
-        self._send_down(error_response(status, reason))
-        self._close_after_flush()
+            self.x.refuse_head()
+            self._send_down(error_response(408, "request header timeout"))
+            self._close_after_flush()
 
     def check_idle(self, now: float, draining: bool) -> None:
         """The sweep: close a keep-alive connection idle too long (or any idle one when draining);
@@ -398,14 +390,16 @@ class HttpConnection(Forwarding):
                     self._local_reply(408, b"stream timeout", close=True)
                 else:
                     self._abort_downstream()
-        elif x.server < xs.MUST_CLOSE and self.head_timer is None and (
+        elif not x.must_close() and self.head_timer is None and (
                 draining or now - self.last >= self.opts.idle_timeout):
             self.close()
 
     def _bad_request(self, err: HTTPError) -> None:
         """The codec refused the client's bytes: its status, then close."""
         if self.req is None:
-            self._refuse_head(err.status, err.reason)
+            self.x.refuse_head()
+            self._send_down(error_response(err.status, err.reason))
+            self._close_after_flush()
             return
         self.x.event(xs.CLIENT_ERROR)
         if self.x.server == xs.SEND_RESPONSE:
@@ -649,8 +643,11 @@ class HttpConnection(Forwarding):
         self.code = status
         req = self.req
         x = self.x
-        if x.client == xs.SEND_BODY and not close:
-            self._skip_body()
+        if x.client == xs.SEND_BODY and not close and not req.expect_continue:  # (Expect: no 100 comes,
+            dropped, ended = skip_body(self.parser)  # so the connection closes) the rest of the body
+            self.req_bytes += dropped
+            if ended:
+                x.event(xs.REQUEST_END)
         keep = not close and keep_alive(req, x.request_complete(), self.rt.draining)
         x.event(xs.RESPONSE if keep else xs.RESPONSE_CLOSE)
         x.event(xs.RESPONSE_END)
@@ -662,24 +659,6 @@ class HttpConnection(Forwarding):
         self._send_down(data)
         self._finish()
 
-    def _skip_body(self) -> None:
-        """Drop the rest of a locally answered request's body, as far as it is already here."""
-        if self.req.expect_continue:
-            return  # the client waits for a 100 that will not come: the connection closes instead
-        parser = self.parser
-        try:
-            while True:
-                ev = parser.next_event()
-                if ev.__class__ is Data:
-                    self.req_bytes += len(ev.data)
-                elif ev.__class__ is EndOfMessage:
-                    self.x.event(xs.REQUEST_END)
-                    return
-                else:
-                    return
-        except HTTPError:
-            return
-
     def _abort_downstream(self) -> None:
         """The response cannot be completed: account and close the client's connection."""
         self.x.event(xs.SERVER_ERROR)
@@ -689,12 +668,9 @@ class HttpConnection(Forwarding):
     def _finish(self) -> None:
         """The exchange is over: account, then serve the next (pipelined) request or close."""
         self._account()
-        x = self.x
-        if not x.can_reuse():
+        if not self.x.next_cycle():
             self._close_after_flush()
-            return
-        x.event(xs.NEXT_CYCLE)
-        if not self.in_pump:
+        elif not self.in_pump:
             if self.d_eof or self.parser.buffered:  # a pipelined request, or the client's FIN, waits
                 self._pump_down()
             if self.d_readable and not self.closed:
