@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from dataplane.proxy import peer_metadata, routing
 from dataplane.proxy.cluster import Cluster, Endpoint
-from dataplane.proxy.http.exchange_state import IDLE
 from dataplane.proxy.http.router import Plan
 from dataplane.proxy.http.upstream import Upstreams
 from dataplane.proxy.reactor import Reactor, Timer
@@ -123,7 +122,7 @@ class HttpState:
     def close_idle(self) -> None:
         """Close every downstream connection between requests and every idle upstream one (drain)."""
         for conn in list(self.connections):
-            if conn.x.client == IDLE:  # between requests (a tunnel's client is SWITCHED)
+            if conn.req is None:  # between requests, or lingering (a tunnel's request is open)
                 conn.close()
         self.upstreams.close_all()
 
