@@ -1,20 +1,11 @@
 """The L4 forwarder: one downstream socket, one upstream connection, bytes both ways.
 
-Each direction is a `_Half` (read `src`, write `dst`). Both sockets are registered with
-the reactor edge-triggered for IN|OUT|RDHUP once, and never touched with epoll_ctl again:
-
-* a half reads until the kernel has nothing more (a short recv, or EAGAIN) and writes
-  what it read straight on. A short read proves the data is drained but not that no FIN
-  or reset waits behind it, and that raises no further edge: once an event carried
-  RDHUP/HUP/ERR the half reads on until the end shows;
-* when `dst` cannot take it all, the half keeps the rest (at most one read's worth),
-  marks itself blocked and stops reading `src`; the kernel then stops ACKing the sender
-  once `src`'s receive buffer fills (back-pressure). `dst`'s next EPOLLOUT edge, which
-  the kernel only raises after a write found the socket full, resumes the half.
-  So the proxy holds at most one buffer per direction, whatever the peers do;
-* a read of 0 (FIN) is passed on as shutdown(SHUT_WR) once the half is flushed; when both
-  halves have done so the connection closes. A reset on either side is passed on as a
-  reset (SO_LINGER 0) on the other.
+Each direction is a `pump.Way` (read `src`, write `dst`; the pump shared with the L7
+tunnel, see pump.py for how it reads, holds at most one buffer, and applies back-pressure).
+Both sockets are registered with the reactor edge-triggered for IN|OUT|RDHUP once, and
+never touched with epoll_ctl again. A read of 0 (FIN) is passed on as shutdown(SHUT_WR)
+once the way is flushed; when both ways have done so the connection closes. A reset on
+either side is passed on as a reset (SO_LINGER 0) on the other.
 
 Copy versus splice, decided by measurement (proxy CPU per request, wrk -c32 through nginx,
 medians of interleaved runs, see benchmarks/proxy_l4.py): for a 19-byte body, copying
@@ -24,23 +15,25 @@ into a pipe can stop short when the pipe runs out of slots, so splice has to rea
 EAGAIN: one more syscall and a Python exception per event. For a 1 MiB body splice wins
 by far: 305 us/request with 256 KiB pipes (349 with 64 KiB, 270 with 1 MiB) against 553
 copying, because the pages go socket -> pipe -> socket without passing through Python.
-So a half starts in copy mode and switches to splice for good the first time a read
+So a way starts in copy mode and switches to splice for good the first time a read
 fills the whole scratch buffer (the sender has more queued than one buffer holds).
 256 KiB pipes keep the per-direction bound at a quarter of Envoy's 1 MiB buffer limit.
 
 Mutual TLS (tls.py): the downstream may be a `TlsSocket` (inbound, handshaken by the listener), and
 `connect(..., tls=(context, allowed_ids))` originates TLS after the TCP connect (outbound): a failed
-handshake or a server identity outside `allowed_ids` is an upstream connect failure (UF). A half with
+handshake or a server identity outside `allowed_ids` is an upstream connect failure (UF). A way with
 a TLS side reads and writes through OpenSSL (`recv_into`/`send`) instead of the raw fd, and never
 splices.
+
+The hot path works on raw fds with os.readv/os.write (no socket-method argument parsing or timeout
+bookkeeping) into the reactor's scratch buffer, and keeps no clock: the idle check compares byte
+counters instead of stamping every event with the time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import os
 import socket
 import ssl
 import struct
@@ -52,152 +45,8 @@ from dataplane.proxy import pump, sockets, tls
 from dataplane.proxy.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor
 
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
-_ENDING = EPOLLRDHUP | EPOLLHUP | EPOLLERR  # a FIN or reset is queued behind whatever data is left
 _MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _LINGER_RST = struct.pack("ii", 1, 0)
-_readv = os.readv
-_write = os.write
-
-class _Half:
-    """One direction of a connection: read `src`, write `dst`, never hold more than one read.
-
-    The hot path works on raw fds with os.readv/os.write (no socket-method argument parsing
-    or timeout bookkeeping) into the reactor's scratch buffer, and keeps no clock: the idle
-    check compares byte counters instead of stamping every event with the time.
-    """
-
-    __slots__ = ("blocked", "bufs", "conn", "dst", "dst_fd", "ending", "eof", "flushes", "halted", "nbytes",
-                 "peer", "pending", "pipe", "piped", "pump", "read", "size", "splice", "src_fd", "view",
-                 "write")
-
-    def __init__(self, conn: Forwarder, src: Any, dst: Any, splice: bool) -> None:
-        reactor = conn.reactor
-        self.conn = conn
-        self.dst = dst
-        self.src_fd = src.fileno()
-        self.dst_fd = dst.fileno()
-        self.bufs = [reactor.scratch]
-        self.view = reactor.scratch_view
-        self.size = len(reactor.scratch)
-        self.peer: _Half = self
-        # read() -> n into the scratch buffer, write(data) -> n: the raw fds, or OpenSSL for a TLS side
-        self.read = (functools.partial(src.recv_into, self.view) if tls.is_tls(src)
-                     else functools.partial(_readv, self.src_fd, self.bufs))
-        self.write = dst.send if tls.is_tls(dst) else functools.partial(_write, self.dst_fd)
-        self.splice = splice and not (tls.is_tls(src) or tls.is_tls(dst))
-        self.pump: Callable[[], None] = self._pump_copy
-        self.pending = b""      # copy mode: what dst did not take yet
-        self.pipe: tuple[int, int] | None = None
-        self.piped = 0          # splice mode: bytes sitting in the pipe
-        self.blocked = False    # dst is full: wait for its EPOLLOUT edge
-        self.eof = False        # src sent FIN (or the connection closed)
-        self.halted = False     # blocked or eof: ignore src's IN edges
-        self.ending = False     # src's FIN/reset has arrived: read until it shows, short reads or not
-        self.nbytes = 0         # read from src
-        self.flushes = 0        # writes of held data: progress the idle check must see too
-
-    def on_event(self, mask: int) -> None:
-        """Events of `src`'s fd: IN feeds this half, OUT resumes the peer half (whose dst it is)."""
-        if mask & EPOLLOUT and self.peer.blocked:
-            self.peer.pump()
-        if mask & _ENDING:
-            self.ending = True  # no edge will come for it again, even if it sits behind data
-        if mask & _IN and not self.halted:
-            self.pump()
-
-    def _pump_copy(self) -> None:
-        write = self.write
-        if self.blocked:
-            pending = self.pending
-            try:
-                sent = write(pending)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self.conn._broken(self, e, reading=False)
-                return
-            self.flushes += 1
-            if sent < len(pending):
-                self.pending = pending[sent:]
-                return
-            self.pending = b""
-            self.blocked = False
-            if self.eof:
-                self._finish()
-                return
-            self.halted = False
-        read = self.read
-        view = self.view
-        size = self.size
-        while True:
-            try:
-                n = read()
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self.conn._broken(self, e, reading=True)
-                return
-            if not n:
-                self.eof = self.halted = True
-                self._finish()
-                return
-            self.nbytes += n
-            try:
-                sent = write(view[:n])
-            except BlockingIOError:
-                sent = 0
-            except OSError as e:
-                self.conn._broken(self, e, reading=False)
-                return
-            if sent < n:
-                self.pending = view[sent:n].tobytes()
-                self.blocked = self.halted = True
-                return
-            if n < size and not self.ending:
-                return  # a short read from a stream socket: its receive queue is empty
-            if self.splice:  # bulk: decide once, splice from now on (or copy for good)
-                self.splice = False
-                pipe = pump.take_pipe()
-                if pipe is not None:
-                    self.pipe = pipe
-                    self.pump = self._pump_splice
-                    self._pump_splice()
-                    return
-
-    def _pump_splice(self) -> None:
-        piped = self.piped
-        n, self.piped, outcome, err = pump.splice(self.src_fd, self.dst_fd, self.pipe,  # type: ignore[arg-type]
-                                                  piped, pump.UNBOUNDED)
-        if self.piped != piped or n:
-            self.flushes += 1
-        self.nbytes += n
-        if outcome == pump.BLOCKED:
-            self.blocked = self.halted = True
-        elif outcome == pump.DRAINED:
-            self.blocked = self.halted = False
-        elif outcome == pump.EOF:
-            self.blocked = False
-            self.eof = self.halted = True
-            self._finish()
-        else:
-            self.conn._broken(self, err, reading=outcome == pump.READ_FAILED)  # type: ignore[arg-type]
-
-    def _finish(self) -> None:
-        """src said FIN and everything is flushed: pass the FIN on."""
-        with contextlib.suppress(OSError):
-            self.dst.shutdown(socket.SHUT_WR)
-        if self.peer.eof and not self.peer.blocked:
-            self.conn._close("", "")
-
-    def buffered(self) -> int:
-        return len(self.pending) + self.piped
-
-    def release(self) -> None:
-        self.eof = self.halted = True
-        self.blocked = False
-        if self.pipe is not None:
-            pump.give_pipe(self.pipe, self.piped == 0)
-            self.pipe = None
 
 
 class Forwarder:
@@ -246,8 +95,8 @@ class Forwarder:
         self.flags = ""
         self.detail = ""
         self.closed = False
-        self.d2u: _Half | None = None
-        self.u2d: _Half | None = None
+        self.d2u: pump.Way | None = None
+        self.u2d: pump.Way | None = None
         self._connect_timer: Any = None
         self._idle_timer: Any = None
         self._seen = 0
@@ -331,8 +180,8 @@ class Forwarder:
         self._connect_timer.cancel()
         self.connect_time = time.monotonic() - self.started
         down, up = self.downstream, self.upstream
-        self.d2u = d2u = _Half(self, down, up, self.splice)  # type: ignore[arg-type]
-        self.u2d = u2d = _Half(self, up, down, self.splice)  # type: ignore[arg-type]
+        self.d2u = d2u = pump.Way(self, down, up, reactor.scratch, self.splice)
+        self.u2d = u2d = pump.Way(self, up, down, reactor.scratch, self.splice)
         d2u.peer, u2d.peer = u2d, d2u
         reactor.set_callback(u2d.src_fd, u2d.on_event)
         reactor.register(d2u.src_fd, _MASK, d2u.on_event)  # ADD reports data already queued
@@ -364,9 +213,14 @@ class Forwarder:
             return
         self._idle_timer = self.reactor.call_at(now + self.idle_timeout / 4, self._check_idle)
 
-    def _broken(self, half: _Half, exc: OSError, *, reading: bool) -> None:
-        """A read from the half's source or a write to half.dst failed: reset the other socket too."""
-        failed_is_down = (half.dst is self.upstream) == reading
+    def way_ended(self, way: pump.Way) -> None:
+        """A way passed its source's FIN on: once the other has too, the connection is over."""
+        if way.peer.done:
+            self._close("", "")
+
+    def way_failed(self, way: pump.Way, exc: OSError, reading: bool) -> None:
+        """A read from the way's source or a write to way.dst failed: reset the other socket too."""
+        failed_is_down = (way.dst is self.upstream) == reading
         other = self.upstream if failed_is_down else self.downstream
         with contextlib.suppress(OSError):
             other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)  # type: ignore[union-attr]
@@ -387,9 +241,9 @@ class Forwarder:
         for timer in (self._connect_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()
-        for half in (self.d2u, self.u2d):
-            if half is not None:
-                half.release()
+        for way in (self.d2u, self.u2d):
+            if way is not None:
+                way.release()
         for sock in (self.downstream, self.upstream):
             if sock is not None:
                 reactor.unregister(sock.fileno())

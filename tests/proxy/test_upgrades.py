@@ -103,6 +103,43 @@ def test_websocket_tunnels(app: Backend) -> None:
         assert b"http2-settings" not in app.seen[0].headers
 
 
+def bulk(conn: socket.socket, seen: Seen) -> None:
+    """The app for a bulk tunnel: 101 with "hello" right behind it, then everything until the
+    client's FIN, answered with its digest and length and 3 MiB, then close."""
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                 b"hello")
+    digest, size = hashlib.sha256(), 0
+    while data := conn.recv(65536):
+        digest.update(data)
+        size += len(data)
+    conn.sendall(b"%s %d\n" % (digest.hexdigest().encode(), size) + BULK_DOWN)
+    conn.close()
+
+
+BULK_UP = bytes(range(256)) * (2 * 4096)  # 2 MiB
+BULK_DOWN = bytes(range(255, -1, -1)) * (3 * 4096)  # 3 MiB
+
+
+def test_a_tunnel_passes_bulk_and_half_closes_both_ways() -> None:
+    """The pump (pump.Way, as L4's) in a tunnel: bytes that came with the heads go first, MiBs
+    both ways under back-pressure, the client's FIN reaches the app, the app's reaches the client."""
+    app = Backend(bulk)
+    try:
+        with proxy_to(app.port) as proxy:
+            c = Client(proxy.port)
+            c.send(upgrade("websocket", "/bulk") + b"early")
+            assert c.response().status == 101
+            c.sock.sendall(BULK_UP)
+            c.sock.shutdown(socket.SHUT_WR)
+            got = _read(c, 1 << 30)  # until the app's FIN, passed on
+            sent = b"early" + BULK_UP
+            digest = hashlib.sha256(sent).hexdigest().encode()
+            assert got == b"hello%s %d\n%s" % (digest, len(sent), BULK_DOWN)
+            assert wait_for(lambda: proxy.requests().get((SERVICE, "101", "-")) == 1)
+    finally:
+        app.close()
+
+
 def test_h2c_goes_as_a_plain_request_and_http_goes_on(app: Backend) -> None:
     with proxy_to(app.port) as proxy:
         c = Client(proxy.port)
@@ -170,8 +207,9 @@ def test_upgrades_are_authorized_and_the_next_request_too(app: Backend, guarded:
 def _read(c: Client, size: int) -> bytes:
     """Bytes after a switch: what the parser kept, then the socket's, until `size` (or EOF)."""
     got = b""
-    while (ev := c.parser.next_event()).__class__ is TunnelData:
-        got += ev.data
+    while (ev := c.parser.next_event()).__class__ in (TunnelData, EndOfMessage):  # the 101's end first
+        if ev.__class__ is TunnelData:
+            got += ev.data
     c.sock.settimeout(5)
     while len(got) < size and (data := c.sock.recv(65536)):
         got += data

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from dataplane.proxy.http import hopbyhop
-from dataplane.proxy.http.codec import Request, Response
+from dataplane.proxy.http.codec import Data, EndOfMessage, HTTPError, Request, RequestParser, Response
 from dataplane.proxy.http.serialize import status_line
 from dataplane.proxy.routing import HeaderOps
 
@@ -86,9 +86,21 @@ def framing(req: Request, resp: Response, keep: bool) -> tuple[int, bool, tuple[
     return FRAME_RAW, False, ()  # an HTTP/1.0 client: the end of the body is our close
 
 
-def unrequested_switch(req: Request, resp: Response) -> bool:
-    """A 101 nobody asked for: a protocol error (upgrades.py)."""
-    return resp.status == 101 and not asks_switch(req)
+def skip_body(parser: RequestParser) -> tuple[int, bool]:
+    """Drop what is already buffered of a request body nobody will read (the request was answered
+    locally): (bytes dropped, whether the body ended, so the connection may serve the next one)."""
+    dropped = 0
+    try:
+        while True:
+            ev = parser.next_event()
+            if ev.__class__ is Data:
+                dropped += len(ev.data)
+            elif ev.__class__ is EndOfMessage:
+                return dropped, True
+            else:
+                return dropped, False
+    except HTTPError:
+        return dropped, False
 
 
 def local_reply(status: int, body: bytes, fields: tuple[bytes, ...] | list[bytes], keep: bool,

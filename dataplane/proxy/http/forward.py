@@ -12,18 +12,17 @@ from __future__ import annotations
 from dataplane.proxy import peer_metadata, pump, sockets, tls
 from dataplane.proxy.blackhole import BLACKHOLE, HTTP_BODY, HTTP_STATUS
 from dataplane.proxy.cluster import CONNECT_FAILURE, RESET, TIMEOUT, Endpoint
+from dataplane.proxy.http import exchange_state as xs
 from dataplane.proxy.http import hopbyhop
 from dataplane.proxy.http.codec import NEED_DATA, Data, EndOfMessage, HTTPError, Response, ResponseParser
 from dataplane.proxy.http.exchange import (
     FRAME_AS_IS,
     FRAME_CHUNK,
     FRAME_TUNNEL,
-    asks_switch,
     connection_line,
     framing,
     keep_alive,
     response_fields,
-    unrequested_switch,
 )
 from dataplane.proxy.http.policy import (
     EXHAUSTED,
@@ -124,7 +123,8 @@ class Forwarding:
         if self.body:
             head = b"".join([head, *self.body])
         self.sent_at = self.reactor.now
-        if conn.connected and self.in_pump and not self.req_done and (req.content_length or req.chunked):
+        sending = self.x.client == xs.SEND_BODY
+        if conn.connected and self.in_pump and sending and (req.content_length or req.chunked):
             self.reactor.set_callback(conn.fd, self.up_cb)
             self.up_pending.append(head)  # sent when the pump has pulled what is here of the body
             self.up_queued += len(head)
@@ -137,7 +137,7 @@ class Forwarding:
         else:
             self.up_pending.append(head)
             self.up_queued += len(head)
-        if self.req_done:
+        if not sending:
             if self.plan.try_timeout and self.try_timer is None:
                 self.rare = True
                 self.try_timer = self.reactor.call_later(self.plan.try_timeout, self._on_try_timeout)
@@ -193,7 +193,7 @@ class Forwarding:
             self.up_queued = len(data) - n
             return
         self.up_queued = 0
-        if not self.req_done:
+        if self.x.client == xs.SEND_BODY:
             self._resume_down()
 
     def _up_write_failed(self) -> None:
@@ -255,7 +255,7 @@ class Forwarding:
             except HTTPError as e:
                 if out:
                     self._send_down(b"".join(out))
-                if eof and self.resp is not None:
+                if eof and self.x.server != xs.SEND_RESPONSE:
                     self._up_broken(RESET, "UC", "upstream_connection_termination")
                 else:
                     self._up_broken(RESET, "UPE", "upstream_protocol_error: " + e.reason, protocol=True)
@@ -266,11 +266,13 @@ class Forwarding:
                 self.resp_bytes += len(data)
                 out.append(data if self.resp_frame != FRAME_CHUNK else b"%x\r\n%s\r\n" % (len(data), data))
             elif cls is Response:
-                if unrequested_switch(self.req, ev):
-                    self._up_broken(RESET, "UPE", "upstream_protocol_error: unrequested 101", protocol=True)
-                    return False  # a switch nobody asked for (upgrades.py)
                 if ev.status >= 200 or ev.status == 101:  # 100 Continue was answered here; other 1xx dropped
-                    head = self._response_head(ev)
+                    try:
+                        head = self._response_head(ev)
+                    except xs.LocalProtocolError:  # a switch nobody asked for, or before the request ended
+                        self._up_broken(RESET, "UPE", f"upstream_protocol_error: unrequested {ev.status}",
+                                        protocol=True)
+                        return False
                     if head is None:
                         return False  # retried
                     out.append(head)
@@ -346,9 +348,19 @@ class Forwarding:
             self._drop_upstream()
             self._schedule_retry()
             return None
+        req = self.req
+        x = self.x
+        keep = keep_alive(req, x.request_complete(), self.rt.draining)
+        frame = FRAME_AS_IS
+        framing_lines: tuple[bytes, ...] = ()
+        if resp.content_length is None or status == 101 or self.rare:
+            self.rare = True
+            frame, keep, framing_lines = framing(req, resp, keep)
+        # may refuse (a 101 nobody asked for): LocalProtocolError, nothing changed
+        x.event(xs.SWITCH if frame == FRAME_TUNNEL else xs.RESPONSE if keep else xs.RESPONSE_CLOSE)
         self.resp = resp
         self.code = status
-        req = self.req
+        self.resp_frame = frame
         if self.md and self.md_out is not None:
             for name, value in resp.headers:  # outbound to the mesh: the server's metadata, if it sent any
                 if name == _PEER_MD:
@@ -359,15 +371,11 @@ class Forwarding:
         lines.append(b"x-envoy-upstream-service-time: %d" % ((self.reactor.now - self.sent_at) * 1000))
         if self.attempts > 1:
             lines.append(b"x-envoy-attempt-count: %d" % self.attempts)
-        keep = keep_alive(req, self.req_done, self.rt.draining)
-        if resp.content_length is None or status == 101 or self.rare:
-            self.rare = True
-            self.resp_frame, keep, framing_lines = framing(req, resp, keep)
+        if framing_lines:
             lines += framing_lines
         conn_line = connection_line(keep, req.version)
         if conn_line is not None:
             lines.append(conn_line)
-        self.keep = keep
         head = b"HTTP/1.1 %d %s\r\n%s\r\n\r\n" % (status, resp.reason, b"\r\n".join(lines))
         self.resp_head = len(head)
         return head
@@ -375,23 +383,19 @@ class Forwarding:
     def _resp_end(self, conn: UpstreamConn) -> None:
         """The response is complete: give the connection back (or tunnel), account, go on."""
         self.conn = None
+        x = self.x
         if self.rare:
             if self.try_timer is not None:
                 self.try_timer.cancel()
                 self.try_timer = None
-            if self.resp_frame == FRAME_TUNNEL:
+            if x.server == xs.SWITCHED:  # the machine only allows a switch the request proposed
                 self._report(status=self.code)
-                if self.req_done and asks_switch(self.req):
-                    self.tunnel = Tunnel(self, conn, READ_SIZE)
-                else:  # switched when nothing asked for it, or before the request ended
-                    self.state.upstreams.close(conn)
-                    self._abort_downstream()
+                Tunnel(self, conn, READ_SIZE)  # owns the connection from here (self.tunnel)
                 return
         self._report(self.code)
-        self.state.upstreams.release(conn, self.resp.keep_alive and self.req_done and not self.up_pending)
-        self.resp_done = True
-        if not self.keep:
-            self.closing = True
+        reuse = self.resp.keep_alive and x.request_complete() and not self.up_pending
+        self.state.upstreams.release(conn, reuse)
+        x.event(xs.RESPONSE_END)
         self._finish()
 
     def _report(self, status: int | None = None, failure: str | None = None) -> None:
@@ -422,7 +426,7 @@ class Forwarding:
 
     def _up_broken(self, failure: str, flag: str, detail: str, protocol: bool = False) -> None:
         """The connection failed (reset, EOF, protocol error) before the response was complete."""
-        if self.resp is not None:  # mid-response: the client's response cannot be completed
+        if self.x.server != xs.SEND_RESPONSE:  # mid-response: the client's response cannot be completed
             self._flag(flag, detail)
             self._drop_upstream()
             self._report(failure=failure)
@@ -486,14 +490,15 @@ class Forwarding:
 
     def _on_try_timeout(self) -> None:
         self.try_timer = None
-        if self.req is not None and self.conn is not None and self.resp is None:
+        if self.req is not None and self.conn is not None and self.x.server == xs.SEND_RESPONSE:
             self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_per_try_timeout"))
             self._try_failed(TIMEOUT, "UT", "per_try_timeout")
 
     def _on_route_timeout(self) -> None:
         self.route_timer = None
-        if self.req is None or self.resp_done:
-            return
+        server = self.x.server
+        if self.req is None or (server >= xs.DONE and server != xs.SWITCHED):
+            return  # over (a tunnel is not: the route timeout applies to it as to any response)
         self.rt.stats.inc(("cluster", self.cluster.name, "upstream_rq_timeout"))
         self._flag("UT")
         self._drop_upstream()
@@ -501,7 +506,7 @@ class Forwarding:
         if self.wait_timer is not None:
             self.wait_timer.cancel()
             self.wait_timer = None
-        if self.resp is not None:
-            self._abort_downstream()
-        else:
+        if server == xs.SEND_RESPONSE:
             self._local_reply(504, TIMEOUT_BODY)
+        else:
+            self._abort_downstream()

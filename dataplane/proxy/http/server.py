@@ -2,6 +2,8 @@
 `HttpConnection` per accepted downstream socket. This module is the I/O shell of the client side;
 the rules live in sans-IO modules, one job each:
 
+* exchange_state.py: the exchange's states (h11's roles and states, table-driven): the shell reports
+  each milestone and asks whether the next request may start, the upstream be reused, or close;
 * exchange.py: framing, keep-alive, 100-continue, upgrades, the forwarded heads, local replies;
 * filters.py: the per-request stages as an ordered chain (peer metadata, upgrade verdicts,
   authorization, route selection), each returning continue or a `LocalReply`;
@@ -25,11 +27,11 @@ What it needs from the Runtime (dataplane.proxy.runtime): `reactor`, `snapshot` 
 
 Why it is shaped this way (the hot path is the point of this module):
 
-* The exchange state lives in the connection's slots, reset per request: no per-request objects
-  beyond what the codec returns, and fields only unusual requests touch are cleared only after
-  one (`rare`). Each upstream try is bound by pointing the upstream fd's reactor callback at this
-  connection (`set_callback`, no syscall); sockets are registered edge-triggered once, so steady
-  traffic makes no epoll_ctl calls at all.
+* The exchange's data lives in the connection's slots (its states in `x`), reset per request: no
+  per-request objects beyond what the codec returns, and fields only unusual requests touch are
+  cleared only after one (`rare`). Each upstream try is bound by pointing the upstream fd's
+  reactor callback at this connection (`set_callback`, no syscall); sockets are registered
+  edge-triggered once, so steady traffic makes no epoll_ctl calls at all.
 * What depends only on the route or the cluster (header operations as bytes, the resolved
   cluster and its stats key, whether anything special applies) is computed once per route per
   config (router.Plan), and a connection remembers its last routing decision, so a keep-alive
@@ -77,6 +79,7 @@ from dataplane.proxy import peer_metadata, pump, routing, tls
 from dataplane.proxy.cluster import Endpoint
 from dataplane.proxy.flags import DI, SI
 from dataplane.proxy.flags import join as join_flags
+from dataplane.proxy.http import exchange_state as xs
 from dataplane.proxy.http import filters, hopbyhop, router, target
 from dataplane.proxy.http.codec import (
     CLOSED,
@@ -95,6 +98,7 @@ from dataplane.proxy.http.exchange import (
     forward_head,
     keep_alive,
     local_reply,
+    skip_body,
     wants_continue,
 )
 from dataplane.proxy.http.forward import MAX_BUFFER, READ_SIZE, Forwarding
@@ -132,16 +136,16 @@ class HttpConnection(Forwarding):
 
     __slots__ = (
         "attempts", "authority", "body", "body_size", "c_auth", "c_plan", "c_snap", "chain", "closed",
-        "closing", "cluster", "code", "conn", "d_ending", "d_eof", "d_pending", "d_read", "d_readable",
+        "cluster", "code", "conn", "d_ending", "d_eof", "d_pending", "d_read", "d_readable",
         "d_write", "detail", "direction", "ep", "ep_live", "fd",
         "flags", "hash_key", "hdict", "head", "head_timer", "in_pump",
-        "inbound_cluster", "keep", "last", "linger_timer", "local", "local_str", "md", "md_out", "opts",
+        "inbound_cluster", "last", "linger_timer", "local", "local_str", "md", "md_out", "opts",
         "parser", "peer", "peer_md", "peer_str", "pipe", "piped", "plan", "pool_wait", "principal",
         "race_retried", "rare", "reactor", "reporter",
-        "req", "req_bytes", "req_done", "resp", "resp_bytes", "resp_done", "resp_frame", "resp_head",
+        "req", "req_bytes", "resp", "resp_bytes", "resp_frame", "resp_head",
         "resp_ops", "retries", "retry_held", "rid", "route_port", "route_timer", "rt", "sent_at", "skey",
         "snap", "sock", "splice_left", "state", "t0", "tried", "try_timer", "tunnel", "up_cb", "up_ending",
-        "up_got", "up_hold", "up_id", "up_pending", "up_queued", "up_readable", "wait_timer", "wall0",
+        "up_got", "up_hold", "up_id", "up_pending", "up_queued", "up_readable", "wait_timer", "wall0", "x",
     )
 
     def __init__(self, runtime: Any, sock: socket.socket, *, direction: str, route_port: str | None,
@@ -171,7 +175,8 @@ class HttpConnection(Forwarding):
         self.opts = options  # the listener's timeouts and allowed upgrades (options.py)
         self.d_readable = self.d_ending = self.d_eof = False
         self.d_pending = b""
-        self.closed = self.closing = self.in_pump = False
+        self.closed = self.in_pump = False
+        self.x = xs.Exchange()  # the exchange's states (exchange_state.py): what may happen next
         self.head_timer: Timer | None = None
         self.linger_timer: Timer | None = None
         self.tunnel: Tunnel | None = None
@@ -184,7 +189,6 @@ class HttpConnection(Forwarding):
         self.rid = self.head = self.authority = b""
         self.chain = filters.chain(direction)  # the per-request stages (filters.py)
         self.code = 0
-        self.keep = False
         self.t0 = self.sent_at = self.wall0 = 0.0
         self.c_auth: bytes | None = None  # the last routing decision, for the next request alike
         self.c_snap: Any = None
@@ -205,7 +209,7 @@ class HttpConnection(Forwarding):
         self.up_id = ""  # the upstream's SPIFFE id when the try went over mutual TLS
         self.md = False  # inbound: the request carried peer metadata; outbound: this try sent ours
         self.peer_md: peer_metadata.Peer | None = None  # the peer's workload, from its metadata
-        self.ep_live = self.req_done = self.resp_done = False
+        self.ep_live = False
         self.body: tuple[bytes, ...] | list[bytes] | None = ()
         self.head = b""
         self.body_size = self.req_bytes = self.resp_bytes = self.resp_head = self.attempts = 0
@@ -281,9 +285,10 @@ class HttpConnection(Forwarding):
             return
         self.in_pump = True
         parser = self.parser
+        x = self.x
         try:
-            while not self.closing:
-                if self.req is None:
+            while x.server < xs.MUST_CLOSE:
+                if x.client == xs.IDLE:
                     ev = parser.next_event()
                     if ev.__class__ is Request:
                         if self.head_timer is not None:
@@ -296,9 +301,10 @@ class HttpConnection(Forwarding):
                         if self.head_timer is None and parser.buffered and timeout != math.inf:
                             self.head_timer = self.reactor.call_later(timeout, self._on_head_timeout)
                     elif ev is CLOSED:
+                        x.event(xs.CLIENT_CLOSED)
                         self.close()
                     return
-                if self.req_done or self.conn is None or self.up_queued >= MAX_BUFFER:
+                if x.client != xs.SEND_BODY or self.conn is None or self.up_queued >= MAX_BUFFER:
                     return
                 ev = parser.next_event()
                 cls = ev.__class__
@@ -355,43 +361,48 @@ class HttpConnection(Forwarding):
     def _flush_down(self) -> None:
         if not self._write_pending():
             return
-        if self.tunnel is not None:
+        if self.x.server == xs.SWITCHED:
             self.tunnel.resume_up()
-        elif self.closing and self.req is None:
+        elif self.req is None and self.x.must_close():
             self._linger()
         elif self.conn is not None and self.up_readable:
             self._read_up()
 
     def _on_head_timeout(self) -> None:
         self.head_timer = None
-        if self.req is None and not self.closed:
+        if self.x.client == xs.IDLE and self.x.server == xs.IDLE and not self.closed:
+            self.x.refuse_head()
             self._send_down(error_response(408, "request header timeout"))
             self._close_after_flush()
 
     def check_idle(self, now: float, draining: bool) -> None:
         """The sweep: close a keep-alive connection idle too long (or any idle one when draining);
         end a request whose body stopped coming (no timer per request: `last` is the last read)."""
-        if self.tunnel is not None:
+        x = self.x
+        if x.server == xs.SWITCHED:
             if now - self.last >= self.opts.idle_timeout:
                 self.tunnel.close()
         elif self.req is not None:
-            if not self.req_done and now - self.last >= self.opts.stream_idle_timeout:
+            if x.client == xs.SEND_BODY and now - self.last >= self.opts.stream_idle_timeout:
                 self._flag(SI, "stream_idle_timeout")  # Envoy's: 408 before a response, else a reset
                 self._drop_upstream(report=True)  # mid-request: never back to the pool
-                if self.resp is None:
+                if x.server == xs.SEND_RESPONSE:
                     self._local_reply(408, b"stream timeout", close=True)
                 else:
                     self._abort_downstream()
-        elif not self.closing and self.head_timer is None and (
+        elif not x.must_close() and self.head_timer is None and (
                 draining or now - self.last >= self.opts.idle_timeout):
             self.close()
 
     def _bad_request(self, err: HTTPError) -> None:
         """The codec refused the client's bytes: its status, then close."""
         if self.req is None:
+            self.x.refuse_head()
             self._send_down(error_response(err.status, err.reason))
             self._close_after_flush()
-        elif self.resp is None:
+            return
+        self.x.event(xs.CLIENT_ERROR)
+        if self.x.server == xs.SEND_RESPONSE:
             self._drop_upstream(report=True)
             self._flag("DPE", err.reason)
             self._local_reply(err.status, err.reason.encode(), close=True)
@@ -406,7 +417,7 @@ class HttpConnection(Forwarding):
         self.close()
 
     def _close_after_flush(self) -> None:
-        self.closing = True
+        """The exchange must close (`x.must_close()`): once the client has what is queued for it."""
         if not self.d_pending:
             self._linger()
 
@@ -461,6 +472,7 @@ class HttpConnection(Forwarding):
     def _on_head(self, req: Request) -> None:
         """A request head: through the listener's filters (filters.py: peer metadata, upgrades,
         authorization, the route), then forwarded, or answered locally."""
+        self.x.event(xs.REQUEST)
         rt = self.rt
         self.snap = rt.snapshot
         target.normalize_request(req, self.snap.path_normalization)  # once, before authorization and routing
@@ -538,6 +550,7 @@ class HttpConnection(Forwarding):
                 router.HeaderView(req.headers), self.peer[0], routing.parse_query(path.decode("latin-1")))
         self.head = self._request_head(req, path, authority, ops)
         if wants_continue(req):
+            self.x.event(xs.INFORMATIONAL)
             self._send_down(CONTINUE)  # Envoy's default: answer 100 here, not forward Expect
         self._attempt(None)
 
@@ -578,7 +591,8 @@ class HttpConnection(Forwarding):
             lines.append(b"x-request-id: " + rid)
         self.rid = rid
         if req.upgrade is not None or req.method == b"CONNECT":
-            self.rare = True  # the response may switch protocols: _response_head and _resp_end look
+            self.rare = True  # the response may switch protocols: _response_head looks
+            self.x.event(xs.PROPOSE)
         return forward_head(req, lines, path)
 
     def _on_body(self, data: bytes) -> None:
@@ -599,7 +613,7 @@ class HttpConnection(Forwarding):
         self._send_up(data)
 
     def _on_req_end(self, ev: EndOfMessage) -> None:
-        self.req_done = True
+        self.x.event(xs.REQUEST_END)
         req = self.req
         if req.chunked:
             tail = last_chunk(hopbyhop.trailers(ev.trailers, req.connection) if ev.trailers else ())
@@ -628,47 +642,33 @@ class HttpConnection(Forwarding):
         """Answer the current request from the proxy (no upstream response was or will be sent)."""
         self.code = status
         req = self.req
-        if not self.req_done and not close:
-            self._skip_body()
-        keep = not close and keep_alive(req, self.req_done, self.rt.draining)
+        x = self.x
+        if x.client == xs.SEND_BODY and not close and not req.expect_continue:  # (Expect: no 100 comes,
+            dropped, ended = skip_body(self.parser)  # so the connection closes) the rest of the body
+            self.req_bytes += dropped
+            if ended:
+                x.event(xs.REQUEST_END)
+        keep = not close and keep_alive(req, x.request_complete(), self.rt.draining)
+        x.event(xs.RESPONSE if keep else xs.RESPONSE_CLOSE)
+        x.event(xs.RESPONSE_END)
         if self.md and self.md_out is None:
             fields = [*fields, *self.state.md_fields]
         data = local_reply(status, body, fields, keep, req.version)
         self.resp_head = len(data) - len(body)
         self.resp_bytes = len(body)
-        self.resp_done = True
-        if not keep:
-            self.closing = True
         self._send_down(data)
         self._finish()
 
-    def _skip_body(self) -> None:
-        """Drop the rest of a locally answered request's body, as far as it is already here."""
-        if self.req.expect_continue:
-            return  # the client waits for a 100 that will not come: the connection closes instead
-        parser = self.parser
-        try:
-            while True:
-                ev = parser.next_event()
-                if ev.__class__ is Data:
-                    self.req_bytes += len(ev.data)
-                elif ev.__class__ is EndOfMessage:
-                    self.req_done = True
-                    return
-                else:
-                    return
-        except HTTPError:
-            return
-
     def _abort_downstream(self) -> None:
         """The response cannot be completed: account and close the client's connection."""
+        self.x.event(xs.SERVER_ERROR)
         self._account()
         self.close()
 
     def _finish(self) -> None:
         """The exchange is over: account, then serve the next (pipelined) request or close."""
         self._account()
-        if self.closing:
+        if not self.x.next_cycle():
             self._close_after_flush()
         elif not self.in_pump:
             if self.d_eof or self.parser.buffered:  # a pipelined request, or the client's FIN, waits
