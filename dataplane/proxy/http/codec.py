@@ -157,17 +157,20 @@ _VCHAR = rb"\x21-\x7e\x80-\xff"  # visible characters and obs-text
 # One field line, preceded by the LF that ends the previous line: the name must touch the
 # colon, surrounding whitespace is trimmed, the value holds no control character, and the
 # line ends in CRLF. A match can start only at an LF, so a line that fails cannot be matched
-# from its middle: counting matches against LFs validates the whole block. Possessive
-# quantifiers keep it linear on hostile whitespace runs.
+# from its middle: counting matches against LFs validates the whole block.
+# No possessive quantifiers: CPython before 3.11.5 (Debian 12's python3 is 3.11.2) mis-matches
+# possessive groups (gh-106052). Linear all the same: a value is runs of visible characters
+# separated by whitespace runs, two disjoint classes that each run must take whole, so a failed
+# line backtracks through each run once.
 _FIELD_RE = re.compile(
-    rb"\n([" + _TCHAR + rb"]++):[ \t]*+((?:[ \t]*+[" + _VCHAR + rb"]++)*+)[ \t]*+\r(?=\n)"
+    rb"\n([" + _TCHAR + rb"]+):[ \t]*((?:[" + _VCHAR + rb"]+(?:[ \t]+[" + _VCHAR + rb"]+)*)?)[ \t]*\r(?=\n)"
 )
-TOKEN_RE = re.compile(rb"[" + _TCHAR + rb"]++")
-VALUE_RE = re.compile(rb"(?:[" + _VCHAR + rb"]++(?:[ \t]++[" + _VCHAR + rb"]++)*+)?+")  # trimmed value
+TOKEN_RE = re.compile(rb"[" + _TCHAR + rb"]+")
+VALUE_RE = re.compile(rb"(?:[" + _VCHAR + rb"]+(?:[ \t]+[" + _VCHAR + rb"]+)*)?")  # trimmed value
 _VERSION_RE = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _CHUNK_EXT_RE = re.compile(
-    rb'(?:[ \t]*+;[ \t]*+[' + _TCHAR + rb']++(?:[ \t]*+=[ \t]*+(?:[' + _TCHAR
-    + rb']++|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"))?+)*+'
+    rb'(?:[ \t]*;[ \t]*[' + _TCHAR + rb']+(?:[ \t]*=[ \t]*(?:[' + _TCHAR
+    + rb']+|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
 )
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _BAD_REASON_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
