@@ -16,13 +16,13 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import free_port, unavailable, wait_for
+from tests.conftest import free_port, stop, unavailable, wait_for
+from tests.proxy.backends import Backend
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Seen:
         return [v for k, v in self.fields if k.lower() == name.lower()]
 
 
-class RecordingBackend:
+class RecordingBackend(Backend):
     """A loopback HTTP/1.1 origin that records every request it reads, parsing as a naive app
     server would: Content-Length or chunked, else no body; keep-alive unless told to close.
 
@@ -47,27 +47,10 @@ class RecordingBackend:
     def __init__(self, delay: float = 1.0) -> None:
         self.delay = delay
         self.seen: list[Seen] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self._conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._serve)
 
     def lines(self) -> list[bytes]:
         return [s.line for s in self.seen]
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(30)
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
@@ -102,13 +85,6 @@ class RecordingBackend:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))
                 if any(v.lower() == b"close" for v in seen.header(b"connection")):
                     return
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.close()
 
 
 def _read_chunked(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
@@ -267,12 +243,7 @@ def _running(argv: list[str], port: int, log: Path) -> Iterator[None]:
             raise RuntimeError(f"{argv[0]} did not start: {log.read_text(errors='replace')[-2000:]}")
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc, timeout=5)
 
 
 def _listening(port: int) -> bool:
