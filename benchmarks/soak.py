@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.proxy_l4 import TOOLS, Procs, ensure_tools, fmt, free_port, wait_listening  # noqa: E402
+from benchmarks.proxy_l4 import Procs, ensure_tools, fmt, free_port, wait_listening  # noqa: E402
 from meshctl.localmesh import netns  # noqa: E402
 from meshctl.localmesh.loopback import LoopbackMesh  # noqa: E402
 from meshctl.localmesh.mesh import APP_PORT, Mesh  # noqa: E402
@@ -255,7 +255,7 @@ def main() -> None:
     opts = ap.parse_args()
     if opts.quick:
         opts.seconds, opts.warmup = 25.0, 5.0
-    if shutil.which(TOOLS["haproxy"]) is None:
+    if shutil.which("haproxy") is None:
         ensure_tools()
     explicit = opts.explicit or os.geteuid() != 0 or netns.missing_tools() is not None
     tmp = Path(tempfile.mkdtemp(prefix="zmesh-soak-"))
